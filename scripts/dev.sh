@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up a virtual environment (CPU PyTorch first, then the package with its dev extras) and run a job.
+#   bash scripts/dev.sh demo [demo options]   # the main job
+#   bash scripts/dev.sh test [pytest options] # the test suite
+# VENV=path chooses the environment folder (default .venv); an existing one is reused.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${VENV:-.venv}"
+python="${PYTHON:-python3}"
+if [ ! -x "$venv/bin/python" ]; then
+  "$python" -m venv "$venv"
+fi
+# shellcheck disable=SC1091
+. "$venv/bin/activate"
+if ! python -c "import lightning_metaif, torch, lightning, higher, wandb, sklearn, pytest" >/dev/null 2>&1; then
+  python -m pip install --quiet --upgrade pip
+  # The CPU build first: a bare `torch` requirement would pull several GB of CUDA packages.
+  python -c "import torch" >/dev/null 2>&1 || python -m pip install --quiet "torch==2.13.0"
+  python -m pip install --quiet -e ".[dev]"
+fi
+job="${1:-}"
+shift || true
+case "$job" in
+  demo) exec lightning-metaif demo "$@" ;;
+  test) exec python -m pytest "$@" ;;
+  *) echo "usage: bash scripts/dev.sh {demo|test} [options]" >&2; exit 2 ;;
+esac

@@ -64,7 +64,12 @@ class LinearMAML:
 
 
 def regression_tasks(
-    num_tasks: int, in_dim: int = 3, support: int = 6, query: int = 8, seed: int = 0, noise: float = 0.1,
+    num_tasks: int,
+    in_dim: int = 3,
+    support: int = 6,
+    query: int = 8,
+    seed: int = 0,
+    noise: float = 0.1,
     dtype=torch.float64,
 ) -> TaskBatch:
     """Linear-regression tasks around a shared weight vector (so meta-learning has something to learn)."""

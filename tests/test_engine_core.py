@@ -75,8 +75,10 @@ def test_reference_gradient_is_mean_of_task_gradients(setup):
     torch.testing.assert_close(value, losses.mean())
     util_grad, _ = reference_gradient(problem, params, utility=lambda p: (p["w"] ** 2).sum())
     layout = ParamLayout.of(params)
-    torch.testing.assert_close(util_grad, layout.flatten({k: 2 * v.detach() if k == "w" else torch.zeros_like(v)
-                                                          for k, v in params.items()}))
+    torch.testing.assert_close(
+        util_grad,
+        layout.flatten({k: 2 * v.detach() if k == "w" else torch.zeros_like(v) for k, v in params.items()}),
+    )
 
 
 def test_bad_inputs_raise_clear_errors(setup):

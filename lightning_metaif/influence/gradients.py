@@ -39,7 +39,9 @@ def use_vmap(tasks: Tasks, vectorize: Vectorize) -> bool:
 def batched_task_loss(problem: Any) -> Callable[..., Tensor]:
     """``task_loss`` as a function of ``(params, support_x, support_y, query_x, query_y)`` for ``vmap``."""
 
-    def loss(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
+    def loss(
+        params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+    ) -> Tensor:
         return problem.task_loss(params, Task(support_x, support_y, query_x, query_y))
 
     return loss
@@ -52,7 +54,9 @@ def task_tensors(batch: TaskBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 def check_loss(loss: Any, task_id: int) -> Tensor:
     """A task loss must be a finite scalar tensor; say which task broke it and how to fix it."""
     if not isinstance(loss, Tensor):
-        raise ValueError(f"task_loss returned {type(loss).__name__} for task {task_id}; it must return a scalar tensor.")
+        raise ValueError(
+            f"task_loss returned {type(loss).__name__} for task {task_id}; it must return a scalar tensor."
+        )
     if loss.dim() != 0:
         raise ValueError(
             f"task_loss returned a tensor of shape {tuple(loss.shape)} for task {task_id}; it must return a scalar "
@@ -136,7 +140,9 @@ def per_task_gradients(
                 task_id = int(ids[start + offset])
                 loss = check_loss(problem.task_loss(leaves, task), task_id)
                 grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-                grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
+                grads = {
+                    k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)
+                }
                 rows.append(layout.flatten(grads).detach())
                 losses.append(loss.detach())
             flat = torch.stack(rows)

@@ -26,7 +26,14 @@ from lightning_metaif.influence.gradients import (
     use_vmap,
 )
 from lightning_metaif.influence.problem import ParamLayout, Params, check_problem, detached, trainable
-from lightning_metaif.influence.tasks import Task, TaskBatch, Tasks, iter_chunks, resolve_task_ids, select_tasks
+from lightning_metaif.influence.tasks import (
+    Task,
+    TaskBatch,
+    Tasks,
+    iter_chunks,
+    resolve_task_ids,
+    select_tasks,
+)
 
 Curvature = Literal["exact", "gamma"]
 
@@ -115,7 +122,9 @@ class TotalHessian:
 
     def subsample(self, batch_size: int, generator: torch.Generator | None = None) -> TotalHessian:
         """The same operator over a random mini-batch of tasks (an unbiased estimate, for LiSSA)."""
-        index = torch.randperm(len(self.tasks), generator=generator)[: max(1, min(batch_size, len(self.tasks)))]
+        index = torch.randperm(len(self.tasks), generator=generator)[
+            : max(1, min(batch_size, len(self.tasks)))
+        ]
         sub = TotalHessian.__new__(TotalHessian)
         sub.__dict__.update(self.__dict__)
         sub.tasks = select_tasks(self.tasks, index)
@@ -146,7 +155,10 @@ class TotalHessian:
                 f"Refusing to materialise a {self.dim}x{self.dim} Hessian; use solver='cg', 'lissa' or 'arnoldi'."
             )
         eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
-        columns = [torch.stack([self.matvec(e) for e in eye[i : i + chunk]], dim=1) for i in range(0, self.dim, chunk)]
+        columns = [
+            torch.stack([self.matvec(e) for e in eye[i : i + chunk]], dim=1)
+            for i in range(0, self.dim, chunk)
+        ]
         matrix = torch.cat(columns, dim=1)
         return 0.5 * (matrix + matrix.T)
 
@@ -173,7 +185,9 @@ class TotalHessian:
             if not isinstance(dot, Tensor) or not dot.requires_grad:
                 continue
             product = torch.autograd.grad(dot, list(leaves.values()), allow_unused=True)
-            product = {k: torch.zeros_like(v) if p is None else p for (k, v), p in zip(leaves.items(), product)}
+            product = {
+                k: torch.zeros_like(v) if p is None else p for (k, v), p in zip(leaves.items(), product)
+            }
             total = total + self.task_weights[position] * self.layout.flatten(product).detach()
         return total
 

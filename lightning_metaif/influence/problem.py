@@ -61,7 +61,9 @@ def check_params(params: Mapping[str, Tensor]) -> Params:
     out = {}
     for name, value in params.items():
         if not isinstance(value, Tensor) or not value.is_floating_point():
-            raise ValueError(f"Parameter {name!r} must be a floating-point tensor, got {type(value).__name__}.")
+            raise ValueError(
+                f"Parameter {name!r} must be a floating-point tensor, got {type(value).__name__}."
+            )
         out[name] = value
     return out
 

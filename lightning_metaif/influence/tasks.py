@@ -75,7 +75,9 @@ class TaskBatch:
     def __post_init__(self) -> None:
         task_ids = torch.as_tensor(self.task_ids)
         if task_ids.dim() != 1:
-            raise ValueError(f"TaskBatch.task_ids must be a 1-D tensor of task ids, got shape {tuple(task_ids.shape)}.")
+            raise ValueError(
+                f"TaskBatch.task_ids must be a 1-D tensor of task ids, got shape {tuple(task_ids.shape)}."
+            )
         if task_ids.is_floating_point():
             raise ValueError("TaskBatch.task_ids must hold integer ids, got a floating-point tensor.")
         object.__setattr__(self, "task_ids", task_ids.to(torch.long))
@@ -89,7 +91,10 @@ class TaskBatch:
                     f"TaskBatch.{name} must have shape [num_tasks={num_tasks}, num_samples, ...], "
                     f"got {tuple(value.shape)}. Stack tasks along dimension 0 and give one id per task."
                 )
-        if self.support_x.shape[1] != self.support_y.shape[1] or self.query_x.shape[1] != self.query_y.shape[1]:
+        if (
+            self.support_x.shape[1] != self.support_y.shape[1]
+            or self.query_x.shape[1] != self.query_y.shape[1]
+        ):
             raise ValueError(
                 "TaskBatch inputs and labels disagree on the number of samples: "
                 f"support_x {tuple(self.support_x.shape)} vs support_y {tuple(self.support_y.shape)}, "
@@ -111,13 +116,19 @@ class TaskBatch:
         """An ``int`` gives one :class:`Task`; a slice, index list or tensor gives a sub-batch."""
         if isinstance(index, int):
             return Task(
-                self.support_x[index], self.support_y[index], self.query_x[index], self.query_y[index],
+                self.support_x[index],
+                self.support_y[index],
+                self.query_x[index],
+                self.query_y[index],
                 int(self.task_ids[index]),
             )
         if not isinstance(index, slice):
             index = torch.as_tensor(index, dtype=torch.long, device=self.task_ids.device)
         return TaskBatch(
-            self.support_x[index], self.support_y[index], self.query_x[index], self.query_y[index],
+            self.support_x[index],
+            self.support_y[index],
+            self.query_x[index],
+            self.query_y[index],
             self.task_ids[index],
         )
 
@@ -137,7 +148,9 @@ class TaskBatch:
             raise ValueError("Cannot stack an empty list of tasks into a TaskBatch.")
         missing = [i for i, t in enumerate(tasks) if t.task_id is None]
         if missing:
-            raise ValueError(f"Tasks at positions {missing[:5]} have no task_id; give every task a stable id.")
+            raise ValueError(
+                f"Tasks at positions {missing[:5]} have no task_id; give every task a stable id."
+            )
         return TaskBatch(
             *(torch.stack([getattr(t, name) for t in tasks]) for name in _TENSOR_FIELDS),
             task_ids=torch.tensor([int(t.task_id) for t in tasks], dtype=torch.long),
@@ -202,7 +215,9 @@ def resolve_task_ids(tasks: Tasks, task_ids: Sequence[int] | Tensor | None = Non
     else:
         ids = torch.as_tensor(task_ids)
         if ids.is_floating_point() or ids.dim() != 1:
-            raise ValueError(f"`task_ids` must be a 1-D sequence of integers, got {ids.dtype} of shape {tuple(ids.shape)}.")
+            raise ValueError(
+                f"`task_ids` must be a 1-D sequence of integers, got {ids.dtype} of shape {tuple(ids.shape)}."
+            )
         ids = ids.to(torch.long).cpu()
         if ids.numel() != num_tasks:
             raise ValueError(
@@ -213,7 +228,9 @@ def resolve_task_ids(tasks: Tasks, task_ids: Sequence[int] | Tensor | None = Non
     ids = ids.cpu()
     unique, counts = torch.unique(ids, return_counts=True)
     if (counts > 1).any():
-        raise ValueError(f"Duplicate task ids {unique[counts > 1].tolist()[:10]}: every task needs a distinct id.")
+        raise ValueError(
+            f"Duplicate task ids {unique[counts > 1].tolist()[:10]}: every task needs a distinct id."
+        )
     return ids
 
 

@@ -12,8 +12,8 @@ from torch import Tensor
 from lightning_metaif.influence.solvers.base import (
     DenseMatrix,
     LinearOperator,
-    SolveResult,
     SolverError,
+    SolveResult,
     check_finite,
     relative_residual,
 )
@@ -22,7 +22,9 @@ from lightning_metaif.influence.solvers.dense import dense_solve, identity_solve
 SOLVERS = ("identity", "dense", "cg", "lissa", "arnoldi")
 
 
-def solve(operator: LinearOperator, rhs: Tensor, *, method: str = "cg", damping: float = 0.0, **options: Any) -> SolveResult:
+def solve(
+    operator: LinearOperator, rhs: Tensor, *, method: str = "cg", damping: float = 0.0, **options: Any
+) -> SolveResult:
     """Solve ``(H + δI) s = rhs`` with the named method.
 
     Args:

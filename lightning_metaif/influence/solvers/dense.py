@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_metaif.influence.solvers.base import LinearOperator, SolveResult, SolverError, check_finite
+from lightning_metaif.influence.solvers.base import LinearOperator, SolverError, SolveResult, check_finite
 
 
 def identity_solve(operator: LinearOperator, rhs: Tensor, *, damping: float = 0.0) -> SolveResult:
@@ -13,7 +13,9 @@ def identity_solve(operator: LinearOperator, rhs: Tensor, *, damping: float = 0.
     return SolveResult(rhs.clone(), "identity", damping, iterations=0, residual=float("nan"), converged=True)
 
 
-def dense_solve(operator: LinearOperator, rhs: Tensor, *, damping: float = 0.0, allow_indefinite: bool = False) -> SolveResult:
+def dense_solve(
+    operator: LinearOperator, rhs: Tensor, *, damping: float = 0.0, allow_indefinite: bool = False
+) -> SolveResult:
     """Materialise ``H`` (``operator.dense()`` or ``p`` products), eigendecompose, solve ``(H + δI)s = rhs``.
 
     Raises :class:`SolverError` when ``H + δI`` has a non-positive eigenvalue (unless ``allow_indefinite``),
@@ -37,6 +39,11 @@ def dense_solve(operator: LinearOperator, rhs: Tensor, *, damping: float = 0.0, 
     check_finite(solution, "dense", "raise the damping.")
     residual = float((matrix @ solution + damping * solution - rhs).norm() / rhs.norm().clamp_min(1e-300))
     return SolveResult(
-        solution, "dense", damping, iterations=operator.dim, residual=residual, converged=True,
+        solution,
+        "dense",
+        damping,
+        iterations=operator.dim,
+        residual=residual,
+        converged=True,
         extra={"min_eigenvalue": float(eigenvalues.min()), "max_eigenvalue": float(eigenvalues.max())},
     )

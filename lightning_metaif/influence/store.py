@@ -1,0 +1,1289 @@
+"""Memory-mapped store of projected per-task gradients at training checkpoints (MATH.md §5, TracIn/TracInCP).
+
+A :class:`GradientStore` is a directory::
+
+    root/
+      manifest.json                    committed files + store metadata (dim, dtype, projection); atomic
+      ckpt-00000000-step100.mgs        one checkpoint: rows = tasks scored at that checkpoint
+      traj-00000001-step101-164.mgs    one trajectory segment: rows recorded at many training steps
+      .tmp-...                         in-flight writes; never read, removed when a writable store opens
+
+**File format** (version 1, little-endian). A fixed 64-byte header::
+
+    offset  size  field
+    0       8     magic b"MIFGRAD\\x00"                (stable in every version)
+    8       2     format version (uint16) = 1           (stable in every version)
+    10      1     dtype code: 1 float16, 2 float32, 3 bfloat16
+    11      1     kind: 0 checkpoint, 1 trajectory segment
+    12      4     CRC32 of the header (this field zeroed) followed by the extra JSON bytes
+    16      8     rows (uint64)
+    24      8     dim (uint64)
+    32      8     step (int64; first step of a segment)
+    40      8     learning rate (float64; NaN for a segment, whose rates are per row)
+    48      8     length of the extra JSON (uint64)
+    56      8     reserved (0)
+
+then the extra JSON (UTF-8), then, each section starting at a multiple of 64 bytes: task ids ``int64[rows]``;
+for segments only, steps ``int64[rows]`` and learning rates ``float64[rows]``; then the row-major gradient matrix
+``dtype[rows, dim]`` (bfloat16 is stored as its raw 16 bits, read through ``numpy.int16`` and reinterpreted with
+``Tensor.view(torch.bfloat16)``, since numpy has no bfloat16). The file size must equal the size the header
+describes, so a truncated file is detected. :func:`read_header` refuses a foreign file, another format version,
+a corrupt header or a truncated file with a :class:`StoreFormatError` (a ``ValueError``) that names the file,
+what was expected and what was found.
+
+**Crash safety.** Every file (checkpoint, segment, manifest) is written to a ``.tmp-*`` file in the same
+directory, flushed, ``fsync``-ed and ``os.replace``-d into place (then the directory is fsync-ed). A checkpoint
+is *committed* once its manifest entry is written. A crash can leave:
+
+* a ``.tmp-*`` file (crash during a write): ignored by readers and deleted when a writable store opens;
+* a complete ``*.mgs`` file without a manifest entry (crash between the rename and the manifest update): it is
+  **adopted** when the store opens, after validation (magic, version, header CRC, dtype, dim, exact size). This is
+  safe because a file only gets its final name after every row was written and fsync-ed; adopting it loses no
+  work. A final-named file that fails validation (only possible by outside tampering) is ignored with a warning,
+  never deleted.
+* a manifest entry whose file is gone: if a ``.tmp-removing-*`` tombstone shows a :meth:`GradientStore.remove`
+  was interrupted, the removal is completed; otherwise opening raises ``ValueError`` (a silently missing
+  checkpoint would bias TracIn scores).
+
+One process writes a store at a time (e.g. rank 0); other processes may open it with ``readonly=True`` (no clean
+up, no writes) and call :meth:`GradientStore.refresh` to see new commits. The class is not thread-safe.
+
+**Trajectory segments.** TracIn along the trajectory records a few rows (the meta-batch) at every training step;
+one file per step would be too many files. :meth:`GradientStore.append_step` buffers rows (already converted to
+the store dtype) in memory and writes one *segment* file, with a per-row step and learning-rate column, whenever
+the buffer would exceed ``segment_bytes`` (default 64 MiB), and on :meth:`~GradientStore.flush` /
+:meth:`~GradientStore.close` / leaving a ``with store:`` block. The rows of one ``append_step`` call always land in
+one segment. A crash loses at most the unflushed buffer (bounded by ``segment_bytes``); call ``flush()`` at
+checkpoints if that matters.
+
+**Scoring** never loads a file: :meth:`GradientStore.dot` and :meth:`GradientStore.tracin_scores` read blocks of
+rows with ``readinto`` into reused buffers (so the process RSS stays at a few blocks, whereas touching every page of
+a ``numpy.memmap`` would count the whole file as resident) and compute in float32 (or the ``compute_dtype``
+asked for). :meth:`GradientStore.read` returns copy-on-write ``numpy.memmap``-backed tensors for random access.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+import time
+import uuid
+import warnings
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "CheckpointInfo",
+    "CheckpointWriter",
+    "FileHeader",
+    "GradientStore",
+    "StoreFormatError",
+    "TracInResult",
+    "read_header",
+]
+
+MAGIC = b"MIFGRAD\x00"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "lightning-metaif-gradient-store"
+MANIFEST_VERSION = 1
+FILE_SUFFIX = ".mgs"
+TEMP_PREFIX = ".tmp-"
+TOMBSTONE_PREFIX = ".tmp-removing-"
+HEADER_SIZE = 64
+_HEADER = struct.Struct("<8sHBBIQQqdQQ")
+assert _HEADER.size == HEADER_SIZE
+_ALIGN = 64
+_KINDS = {0: "checkpoint", 1: "segment"}
+_KIND_CODES = {v: k for k, v in _KINDS.items()}
+_NAME_RE = re.compile(r"^(?:ckpt|traj)-(\d{8})-")
+
+# name -> (code, torch dtype, numpy storage dtype)
+_DTYPES: dict[str, tuple[int, torch.dtype, np.dtype]] = {
+    "float16": (1, torch.float16, np.dtype("<f2")),
+    "float32": (2, torch.float32, np.dtype("<f4")),
+    "bfloat16": (3, torch.bfloat16, np.dtype("<i2")),  # raw bits; numpy has no bfloat16
+}
+_CODE_TO_NAME = {code: name for name, (code, _, _) in _DTYPES.items()}
+_ALIASES = {
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+
+DEFAULT_BLOCK_BYTES = 16 * 2**20
+DEFAULT_SEGMENT_BYTES = 64 * 2**20
+
+Reference = Tensor | Mapping[int, Tensor] | Callable[[int], "Tensor | None"]
+
+
+class StoreFormatError(ValueError):
+    """A file in a gradient store is foreign, of another format version, corrupt or truncated."""
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+    elif isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+    else:
+        raise ValueError(f"dtype must be a torch.dtype or a string, got {type(dtype).__name__}.")
+    if name not in _ALIASES:
+        raise ValueError(
+            f"GradientStore cannot hold dtype {dtype!r}: supported are torch.float16, torch.float32 and "
+            "torch.bfloat16 (stored as raw 16-bit words, since numpy.memmap has no bfloat16). Project/cast the "
+            "gradients to one of them."
+        )
+    return _ALIASES[name]
+
+
+def _align(offset: int) -> int:
+    return (offset + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _normalize_json(value: Any, what: str) -> Any:
+    try:
+        return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{what} must be JSON-serialisable (dicts, lists, str, finite numbers, bool, None): {err}"
+        ) from err
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    """Parsed header and section offsets of one store file (see the module docstring for the layout)."""
+
+    path: Path
+    version: int
+    dtype: str
+    kind: str
+    rows: int
+    dim: int
+    step: int
+    learning_rate: float
+    extra: dict[str, Any]
+    ids_offset: int
+    steps_offset: int
+    lrs_offset: int
+    data_offset: int
+    total_size: int
+
+    @property
+    def itemsize(self) -> int:
+        return _DTYPES[self.dtype][2].itemsize
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dim * self.itemsize
+
+
+def _layout(rows: int, dim: int, itemsize: int, extra_len: int, kind: str) -> tuple[int, int, int, int, int]:
+    ids = _align(HEADER_SIZE + extra_len)
+    end = ids + 8 * rows
+    steps = lrs = -1
+    if kind == "segment":
+        steps = _align(end)
+        lrs = _align(steps + 8 * rows)
+        end = lrs + 8 * rows
+    data = _align(end)
+    return ids, steps, lrs, data, data + rows * dim * itemsize
+
+
+def _pack_header(
+    dtype: str, kind: str, rows: int, dim: int, step: int, learning_rate: float, extra_bytes: bytes
+) -> bytes:
+    fields = [MAGIC, FORMAT_VERSION, _DTYPES[dtype][0], _KIND_CODES[kind], 0, rows, dim, step]
+    fields += [learning_rate, len(extra_bytes), 0]
+    crc = zlib.crc32(_HEADER.pack(*fields) + extra_bytes)
+    fields[4] = crc
+    return _HEADER.pack(*fields)
+
+
+def read_header(path: str | os.PathLike[str]) -> FileHeader:
+    """Parse and validate the header of one store file; refuse foreign, other-version, corrupt or truncated files.
+
+    Example:
+        >>> import tempfile, torch
+        >>> root = tempfile.mkdtemp()
+        >>> store = GradientStore(root, dim=4, dtype=torch.float32)
+        >>> info = store.write_checkpoint(10, 0.1, [7, 8], torch.ones(2, 4))
+        >>> h = read_header(info.path)
+        >>> (h.version, h.dtype, h.kind, h.rows, h.dim, h.step, h.learning_rate)
+        (1, 'float32', 'checkpoint', 2, 4, 10, 0.1)
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_SIZE)
+        if len(raw) < 10 or raw[:8] != MAGIC:
+            raise StoreFormatError(
+                f"{path}: not a lightning-metaif gradient file (expected magic bytes {MAGIC!r}, found "
+                f"{raw[:8]!r}); remove it from the store directory."
+            )
+        version = struct.unpack_from("<H", raw, 8)[0]
+        if version != FORMAT_VERSION:
+            raise StoreFormatError(
+                f"{path}: gradient file format version {version} is not supported (this lightning-metaif reads "
+                f"version {FORMAT_VERSION}); re-record the gradients with this version or read the file with the "
+                "version that wrote it."
+            )
+        if len(raw) < HEADER_SIZE:
+            raise StoreFormatError(
+                f"{path}: truncated header ({len(raw)} bytes, expected {HEADER_SIZE}); the file is incomplete."
+            )
+        _, _, code, kind_code, crc, rows, dim, step, lr, extra_len, _ = _HEADER.unpack(raw)
+        size = os.fstat(f.fileno()).st_size
+        if HEADER_SIZE + extra_len > size:
+            raise StoreFormatError(
+                f"{path}: header announces {extra_len} bytes of extra JSON but the file has {size} bytes "
+                "(truncated or corrupt)."
+            )
+        extra_bytes = f.read(extra_len)
+    zeroed = raw[:12] + b"\x00\x00\x00\x00" + raw[16:]
+    found_crc = zlib.crc32(zeroed + extra_bytes)
+    if found_crc != crc:
+        raise StoreFormatError(
+            f"{path}: header checksum mismatch (expected CRC32 {crc:#010x}, found {found_crc:#010x}); the header "
+            "is corrupt, delete the file."
+        )
+    if code not in _CODE_TO_NAME:
+        raise StoreFormatError(
+            f"{path}: unknown dtype code {code} (expected one of {sorted(_CODE_TO_NAME)} = "
+            f"{list(_CODE_TO_NAME.values())})."
+        )
+    if kind_code not in _KINDS:
+        raise StoreFormatError(
+            f"{path}: unknown record kind {kind_code} (expected 0 checkpoint or 1 segment)."
+        )
+    dtype, kind = _CODE_TO_NAME[code], _KINDS[kind_code]
+    try:
+        extra = json.loads(extra_bytes.decode("utf-8")) if extra_len else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StoreFormatError(f"{path}: extra metadata is not valid UTF-8 JSON ({err}).") from err
+    ids, steps, lrs, data, total = _layout(rows, dim, _DTYPES[dtype][2].itemsize, extra_len, kind)
+    if size != total:
+        raise StoreFormatError(
+            f"{path}: file has {size} bytes but its header ({rows} rows x {dim} {dtype}) describes {total} bytes; "
+            "the file is truncated or was partially written, delete it or re-record it."
+        )
+    return FileHeader(path, version, dtype, kind, rows, dim, step, lr, extra, ids, steps, lrs, data, total)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.parent / f"{TEMP_PREFIX}{path.name}.{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _read_exact(f: Any, offset: int, buffer: np.ndarray) -> None:
+    view = memoryview(buffer).cast("B")
+    f.seek(offset)
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise StoreFormatError(
+                f"{getattr(f, 'name', '?')}: unexpected end of file at byte {offset + got}."
+            )
+        got += n
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """Metadata of one committed file: a checkpoint, or a trajectory segment (``kind == "segment"``).
+
+    For a segment, ``step``/``last_step`` are the smallest/largest recorded step and ``learning_rate`` is ``None``
+    (each row has its own; see :meth:`GradientStore.read_steps`). ``index`` is the commit sequence number.
+    """
+
+    index: int
+    kind: str
+    step: int
+    last_step: int
+    learning_rate: float | None
+    rows: int
+    dim: int
+    dtype: str
+    path: Path
+    nbytes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-python manifest entry (file name relative to the store root)."""
+        return {
+            "file": self.path.name,
+            "index": self.index,
+            "kind": self.kind,
+            "step": self.step,
+            "last_step": self.last_step,
+            "learning_rate": self.learning_rate,
+            "rows": self.rows,
+            "bytes": self.nbytes,
+            "extra": self.extra,
+        }
+
+
+@dataclass
+class TracInResult:
+    """TracIn(CP) scores accumulated per task id (sign convention of MATH.md §3: positive = helpful).
+
+    ``counts[i]`` is the number of stored rows (checkpoints x occurrences) that contributed to ``scores[i]``.
+    """
+
+    task_ids: Tensor
+    scores: Tensor
+    counts: Tensor
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+def _as_ids(task_ids: Any, n: int | None = None) -> np.ndarray:
+    if isinstance(task_ids, Tensor):
+        if task_ids.is_floating_point() or task_ids.is_complex():
+            raise ValueError(f"task_ids must be integers, got a {task_ids.dtype} tensor.")
+        arr = task_ids.detach().cpu().to(torch.int64).numpy()
+    else:
+        arr = np.asarray(task_ids)
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"task_ids must be integers, got dtype {arr.dtype}.")
+        arr = arr.astype("<i8", copy=False)
+    if arr.ndim != 1:
+        raise ValueError(f"task_ids must be 1-D, got shape {tuple(arr.shape)}.")
+    if n is not None and arr.shape[0] != n:
+        raise ValueError(f"got {arr.shape[0]} task ids for {n} gradient rows; pass one id per row.")
+    return np.ascontiguousarray(arr, dtype="<i8")
+
+
+class CheckpointWriter:
+    """Streams the rows of one file to a temporary file; :meth:`commit` makes it visible atomically.
+
+    Obtained from :meth:`GradientStore.open_checkpoint`. Use as a context manager: an exception inside the block
+    aborts (the temporary file is removed, nothing is committed); leaving the block normally commits if
+    :meth:`commit` was not called yet.
+    """
+
+    def __init__(
+        self,
+        store: GradientStore,
+        kind: str,
+        step: int,
+        learning_rate: float,
+        num_rows: int,
+        extra: dict[str, Any] | None,
+        last_step: int | None = None,
+    ) -> None:
+        if int(num_rows) < 0:
+            raise ValueError(f"num_rows must be >= 0, got {num_rows}.")
+        self.store = store
+        self.kind = kind
+        self.step = int(step)
+        self.last_step = int(last_step) if last_step is not None else self.step
+        self.learning_rate = float(learning_rate)
+        self.num_rows = int(num_rows)
+        self.extra = _normalize_json(dict(extra or {}), "extra")
+        header_extra = {**self.extra, "last_step": self.last_step} if kind == "segment" else self.extra
+        extra_bytes = json.dumps(header_extra, sort_keys=True).encode("utf-8") if header_extra else b""
+        itemsize = _DTYPES[store.dtype_name][2].itemsize
+        self._ids, self._steps, self._lrs, self._data, self._total = _layout(
+            self.num_rows, store.dim, itemsize, len(extra_bytes), kind
+        )
+        self._row_bytes = store.dim * itemsize
+        self.index = store._next_index()
+        prefix = "ckpt" if kind == "checkpoint" else "traj"
+        steps = f"step{self.step}" if kind == "checkpoint" else f"step{self.step}-{self.last_step}"
+        self.final_path = store.root / f"{prefix}-{self.index:08d}-{steps}{FILE_SUFFIX}"
+        self.temp_path = store.root / f"{TEMP_PREFIX}{self.final_path.name}.{uuid.uuid4().hex}"
+        self.rows_written = 0
+        self._state = "open"
+        self._file = open(self.temp_path, "wb")  # noqa: SIM115 - lives until commit()/abort()
+        try:
+            header = _pack_header(
+                store.dtype_name, kind, self.num_rows, store.dim, self.step, self.learning_rate, extra_bytes
+            )
+            self._file.write(header + extra_bytes)
+            self._file.truncate(self._total)  # sparse until written; the size check catches missing rows
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, task_ids: Any, rows: Tensor | np.ndarray, *, steps: Any = None, lrs: Any = None) -> None:
+        """Append a chunk: ``task_ids`` ``[n]`` ints and ``rows`` ``[n, dim]`` (any float dtype, any device).
+
+        ``steps``/``lrs`` (``[n]``) are the per-row columns of a trajectory segment (required there, refused for a
+        checkpoint). Rows are cast to the store dtype and must stay finite (float16 overflows above 65504).
+        """
+        if self._state != "open":
+            raise ValueError(f"cannot write to a writer that is {self._state}; open a new checkpoint.")
+        data = self.store._encode_rows(rows)
+        n = data.shape[0]
+        ids = _as_ids(task_ids, n)
+        if self.rows_written + n > self.num_rows:
+            self.abort()
+            raise ValueError(
+                f"writing {n} more rows would exceed num_rows={self.num_rows} ({self.rows_written} already "
+                "written); the checkpoint was aborted. Pass the right num_rows to open_checkpoint."
+            )
+        f, start = self._file, self.rows_written
+        if self.kind == "segment":
+            if steps is None or lrs is None:
+                raise ValueError("a trajectory segment needs per-row steps= and lrs= columns.")
+            step_col = _as_ids(steps, n)
+            lr_col = np.ascontiguousarray(np.broadcast_to(np.asarray(lrs, dtype="<f8"), (n,)))
+            if not np.isfinite(lr_col).all():
+                raise ValueError("learning rates must be finite.")
+            f.seek(self._steps + 8 * start)
+            f.write(step_col.tobytes())
+            f.seek(self._lrs + 8 * start)
+            f.write(lr_col.tobytes())
+        elif steps is not None or lrs is not None:
+            raise ValueError("steps=/lrs= columns only exist for trajectory segments (append_step).")
+        f.seek(self._ids + 8 * start)
+        f.write(ids.tobytes())
+        f.seek(self._data + self._row_bytes * start)
+        f.write(memoryview(data).cast("B"))
+        self.rows_written += n
+
+    def commit(self) -> CheckpointInfo:
+        """Check the row count, fsync, rename into place and record the file in the manifest."""
+        if self._state != "open":
+            raise ValueError(f"cannot commit a writer that is {self._state}.")
+        if self.rows_written != self.num_rows:
+            written = self.rows_written
+            self.abort()
+            raise ValueError(
+                f"checkpoint at step {self.step} got {written} rows but num_rows={self.num_rows}; it was aborted "
+                "and nothing was committed. Write every row before commit()."
+            )
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self.temp_path, self.final_path)
+            _fsync_dir(self.store.root)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        info = CheckpointInfo(
+            index=self.index,
+            kind=self.kind,
+            step=self.step,
+            last_step=self.last_step,
+            learning_rate=None if self.kind == "segment" else self.learning_rate,
+            rows=self.num_rows,
+            dim=self.store.dim,
+            dtype=self.store.dtype_name,
+            path=self.final_path,
+            nbytes=self._total,
+            extra=self.extra,
+        )
+        self.store._register(info)
+        return info
+
+    def abort(self) -> None:
+        """Drop the temporary file; nothing is committed. Idempotent."""
+        if self._state == "open":
+            self._state = "aborted"
+        try:
+            self._file.close()
+        finally:
+            self.temp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            if self._state == "open":
+                self.abort()
+        elif self._state == "open":
+            self.commit()
+
+
+class GradientStore:
+    """Projected per-task gradients with the step and learning rate of each checkpoint, memory-mapped on disk.
+
+    Args:
+        root: directory (created if missing).
+        dim: gradient (projection) dimension ``d``.
+        dtype: ``torch.float16`` (default), ``torch.float32`` or ``torch.bfloat16``.
+        projection: metadata of the projection that produced the rows (e.g. ``RandomProjection.state_dict()``),
+            stored in the manifest; reopening with a different value raises.
+        segment_bytes: bound of the in-memory buffer of :meth:`append_step` before it is written as a segment.
+        readonly: open an existing store for reading only (no temp-file clean up, no writes).
+
+    Opening an existing root with a different ``dim``/``dtype``/``projection`` raises ``ValueError``; use
+    :meth:`open` to take them from the manifest.
+
+    Example:
+        >>> import tempfile, torch
+        >>> store = GradientStore(tempfile.mkdtemp(), dim=3, dtype=torch.float32, projection={"seed": 0})
+        >>> info = store.write_checkpoint(5, 0.5, [10, 11], torch.tensor([[1.0, 0, 0], [0, 2.0, 0]]))
+        >>> store.dot(info, torch.tensor([1.0, 1.0, 1.0])).tolist()
+        [1.0, 2.0]
+        >>> r = store.tracin_scores(torch.tensor([1.0, 0.0, 0.0]))
+        >>> r.task_ids.tolist(), r.scores.tolist()
+        ([10, 11], [0.5, 0.0])
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        dim: int,
+        dtype: torch.dtype | str = torch.float16,
+        *,
+        projection: dict[str, Any] | None = None,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        readonly: bool = False,
+    ) -> None:
+        if int(dim) <= 0:
+            raise ValueError(f"dim must be a positive integer, got {dim}.")
+        if int(segment_bytes) <= 0:
+            raise ValueError(f"segment_bytes must be positive, got {segment_bytes}.")
+        self.root = Path(root).absolute()
+        self.dim = int(dim)
+        self.dtype_name = _dtype_name(dtype)
+        self.dtype = _DTYPES[self.dtype_name][1]
+        self.projection = _normalize_json(projection, "projection") if projection is not None else None
+        self.segment_bytes = int(segment_bytes)
+        self.readonly = bool(readonly)
+        self._entries: dict[str, CheckpointInfo] = {}
+        self._headers: dict[str, FileHeader] = {}
+        self._buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._buffer_bytes = 0
+        self._max_index = -1
+        if self.readonly:
+            if not (self.root / MANIFEST_NAME).is_file():
+                raise ValueError(f"{self.root}: no {MANIFEST_NAME}; a read-only store must already exist.")
+        else:
+            self.root.mkdir(parents=True, exist_ok=True)
+        self._load()
+
+    # ------------------------------------------------------------------ opening / manifest
+    @classmethod
+    def open(cls, root: str | os.PathLike[str], *, readonly: bool = False, **kwargs: Any) -> GradientStore:
+        """Open an existing store with the dim, dtype and projection recorded in its manifest."""
+        manifest = cls._read_manifest(Path(root) / MANIFEST_NAME)
+        if manifest is None:
+            raise ValueError(
+                f"{root}: no {MANIFEST_NAME}; create the store with GradientStore(root, dim, dtype)."
+            )
+        return cls(
+            root,
+            manifest["dim"],
+            manifest["dtype"],
+            projection=manifest.get("projection"),
+            readonly=readonly,
+            **kwargs,
+        )
+
+    @staticmethod
+    def _read_manifest(path: Path) -> dict[str, Any] | None:
+        if not path.is_file():
+            return None
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(
+                f"{path}: manifest is not valid JSON ({err}). It is written atomically, so it was modified from "
+                "outside; delete it and reopen the store to rebuild it from the self-describing checkpoint files."
+            ) from err
+        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+            raise ValueError(
+                f"{path}: not a gradient store manifest (expected format {MANIFEST_FORMAT!r}, found {found!r})."
+            )
+        if manifest.get("version") != MANIFEST_VERSION:
+            raise ValueError(
+                f"{path}: manifest version {manifest.get('version')!r} is not supported (expected "
+                f"{MANIFEST_VERSION})."
+            )
+        return manifest
+
+    def _load(self) -> None:
+        manifest_path = self.root / MANIFEST_NAME
+        manifest = self._read_manifest(manifest_path)
+        if manifest is not None:
+            mismatches = []
+            if manifest["dim"] != self.dim:
+                mismatches.append(f"dim {manifest['dim']} (asked {self.dim})")
+            if manifest["dtype"] != self.dtype_name:
+                mismatches.append(f"dtype {manifest['dtype']} (asked {self.dtype_name})")
+            if manifest.get("projection") != self.projection:
+                mismatches.append(f"projection {manifest.get('projection')} (asked {self.projection})")
+            if mismatches:
+                raise ValueError(
+                    f"{self.root} holds gradients with {', '.join(mismatches)}. Open it with the same settings "
+                    "(GradientStore.open(root) reads them from the manifest) or use a new directory."
+                )
+        if not self.readonly:
+            for tmp in self.root.glob(f"{TEMP_PREFIX}*"):
+                if not tmp.name.startswith(TOMBSTONE_PREFIX):
+                    tmp.unlink(missing_ok=True)
+        entries: dict[str, CheckpointInfo] = {}
+        changed = manifest is None
+        missing = []
+        for raw in (manifest or {}).get("checkpoints", []):
+            path = self.root / raw["file"]
+            if not path.is_file():
+                if (self.root / f"{TOMBSTONE_PREFIX}{raw['file']}").exists():
+                    changed = True  # finish an interrupted remove()
+                    continue
+                missing.append(raw["file"])
+                continue
+            header = self._check_header(read_header(path))
+            info = self._info_from(header, raw["index"])
+            if info.rows != raw["rows"]:
+                raise ValueError(
+                    f"{path}: manifest says {raw['rows']} rows, the file header says {info.rows}; the file was "
+                    "replaced from outside the store. Delete the manifest entry or restore the file."
+                )
+            entries[path.name] = info
+            self._headers[path.name] = header  # manifest extra == header extra (the header is the truth)
+        if missing:
+            raise ValueError(
+                f"{self.root}: the manifest lists committed files that are missing: {missing[:5]}. Restore them, "
+                "or remove their entries from manifest.json to accept the loss."
+            )
+        for path in sorted(self.root.glob(f"*{FILE_SUFFIX}")):
+            if path.name in entries or path.name.startswith(TEMP_PREFIX):
+                continue
+            try:
+                header = self._check_header(read_header(path))
+            except ValueError as err:
+                warnings.warn(f"ignoring unregistered file that failed validation: {err}", stacklevel=3)
+                continue
+            match = _NAME_RE.match(path.name)
+            index = int(match.group(1)) if match else self._max_index_of(entries) + 1
+            if any(e.index == index for e in entries.values()):
+                index = self._max_index_of(entries) + 1
+            entries[path.name] = self._info_from(header, index)
+            self._headers[path.name] = header
+            changed = True
+            if not self.readonly:
+                warnings.warn(
+                    f"adopted {path.name}: complete and valid but missing from the manifest (interrupted commit).",
+                    stacklevel=3,
+                )
+        self._entries = dict(sorted(entries.items(), key=lambda kv: kv[1].index))
+        self._max_index = max(self._max_index, self._max_index_of(self._entries))
+        if not self.readonly:
+            if changed:
+                self._write_manifest()
+            for tomb in self.root.glob(
+                f"{TOMBSTONE_PREFIX}*"
+            ):  # their entries are gone from the manifest now
+                tomb.unlink(missing_ok=True)
+
+    @staticmethod
+    def _max_index_of(entries: Mapping[str, CheckpointInfo]) -> int:
+        return max((e.index for e in entries.values()), default=-1)
+
+    def _check_header(self, header: FileHeader) -> FileHeader:
+        if header.dim != self.dim or header.dtype != self.dtype_name:
+            raise StoreFormatError(
+                f"{header.path}: holds {header.dtype} rows of dim {header.dim}, but this store is {self.dtype_name} "
+                f"with dim {self.dim}."
+            )
+        return header
+
+    def _info_from(self, header: FileHeader, index: int) -> CheckpointInfo:
+        extra = dict(header.extra)
+        last = int(extra.pop("last_step", header.step)) if header.kind == "segment" else header.step
+        return CheckpointInfo(
+            index=int(index),
+            kind=header.kind,
+            step=header.step,
+            last_step=last,
+            learning_rate=None if header.kind == "segment" else header.learning_rate,
+            rows=header.rows,
+            dim=header.dim,
+            dtype=header.dtype,
+            path=header.path.absolute(),
+            nbytes=header.total_size,
+            extra=extra,
+        )
+
+    def _manifest_dict(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "file_format_version": FORMAT_VERSION,
+            "dim": self.dim,
+            "dtype": self.dtype_name,
+            "projection": self.projection,
+            "checkpoints": [info.to_dict() for info in self._entries.values()],
+        }
+
+    def _write_manifest(self) -> None:
+        data = json.dumps(self._manifest_dict(), indent=1, sort_keys=True).encode("utf-8")
+        _atomic_write_bytes(self.root / MANIFEST_NAME, data)
+
+    def _require_writable(self) -> None:
+        if self.readonly:
+            raise ValueError(
+                f"{self.root} was opened with readonly=True; open it writable to add or remove data."
+            )
+
+    def _next_index(self) -> int:
+        self._max_index += 1
+        return self._max_index
+
+    def _register(self, info: CheckpointInfo) -> None:
+        self._entries[info.path.name] = info
+        self._headers.pop(info.path.name, None)
+        self._write_manifest()
+
+    def refresh(self) -> None:
+        """Re-read the manifest (e.g. in a read-only process while another one writes)."""
+        self._headers.clear()
+        self._load()
+
+    # ------------------------------------------------------------------ writing
+    def _encode_rows(self, rows: Tensor | np.ndarray) -> np.ndarray:
+        if isinstance(rows, np.ndarray):
+            rows = torch.from_numpy(np.ascontiguousarray(rows))
+        if not isinstance(rows, Tensor):
+            raise ValueError(f"rows must be a Tensor or numpy array, got {type(rows).__name__}.")
+        if rows.dim() != 2 or rows.shape[1] != self.dim:
+            raise ValueError(f"rows must have shape [n, {self.dim}], got {tuple(rows.shape)}.")
+        if not rows.is_floating_point():
+            raise ValueError(f"rows must be floating point, got {rows.dtype}.")
+        cast = rows.detach().to(device="cpu", dtype=self.dtype).contiguous()
+        if not bool(torch.isfinite(cast).all()):
+            hint = (
+                " (float16 overflows above 65504: scale the gradients or use float32)"
+                if self.dtype_name == "float16"
+                else ""
+            )
+            raise ValueError(f"rows contain non-finite values after casting to {self.dtype_name}{hint}.")
+        if self.dtype_name == "bfloat16":
+            cast = cast.view(torch.int16)
+        return cast.numpy()
+
+    def open_checkpoint(
+        self, step: int, learning_rate: float, num_rows: int, extra: dict[str, Any] | None = None
+    ) -> CheckpointWriter:
+        """Start a streaming write of ``num_rows`` rows scored at training ``step`` with ``learning_rate``.
+
+        Example:
+            >>> import tempfile, torch
+            >>> store = GradientStore(tempfile.mkdtemp(), dim=2)
+            >>> with store.open_checkpoint(step=3, learning_rate=0.1, num_rows=4) as w:
+            ...     w.write([0, 1], torch.ones(2, 2))
+            ...     w.write([2, 3], torch.zeros(2, 2))
+            >>> [(c.step, c.rows) for c in store.checkpoints()]
+            [(3, 4)]
+        """
+        self._require_writable()
+        lr = float(learning_rate)
+        if not math.isfinite(lr):
+            raise ValueError(f"learning_rate must be finite, got {learning_rate}.")
+        return CheckpointWriter(self, "checkpoint", int(step), lr, int(num_rows), extra)
+
+    def write_checkpoint(
+        self,
+        step: int,
+        learning_rate: float,
+        task_ids: Any,
+        rows: Tensor | np.ndarray,
+        extra: dict[str, Any] | None = None,
+    ) -> CheckpointInfo:
+        """Write and commit one checkpoint in one call (rows ``[M, dim]``, ``task_ids`` ``[M]``)."""
+        with self.open_checkpoint(step, learning_rate, int(rows.shape[0]), extra) as writer:
+            writer.write(task_ids, rows)
+            return writer.commit()
+
+    def append_step(self, step: int, learning_rate: float, task_ids: Any, rows: Tensor | np.ndarray) -> None:
+        """Buffer the rows recorded at one training step (trajectory TracIn); written as segments.
+
+        The rows are cast to the store dtype immediately (so GPU tensors are not kept alive). The buffer is written
+        as one segment file before it would exceed ``segment_bytes``; :meth:`flush` writes it now.
+
+        Example:
+            >>> import tempfile, torch
+            >>> store = GradientStore(tempfile.mkdtemp(), dim=2, dtype=torch.float32)
+            >>> for t in range(3):
+            ...     store.append_step(t, 0.1, [t, t + 10], torch.ones(2, 2))
+            >>> info = store.flush()
+            >>> (info.kind, info.step, info.last_step, info.rows)
+            ('segment', 0, 2, 6)
+            >>> store.read_steps(info)[0].tolist()
+            [0, 0, 1, 1, 2, 2]
+        """
+        self._require_writable()
+        lr = float(learning_rate)
+        if not math.isfinite(lr):
+            raise ValueError(f"learning_rate must be finite, got {learning_rate}.")
+        data = self._encode_rows(rows)
+        n = data.shape[0]
+        ids = _as_ids(task_ids, n)
+        if n == 0:
+            return
+        if self._buffer and self._buffer_bytes + data.nbytes > self.segment_bytes:
+            self.flush()
+        self._buffer.append((ids, np.full(n, int(step), dtype="<i8"), np.full(n, lr, dtype="<f8"), data))
+        self._buffer_bytes += data.nbytes
+        if self._buffer_bytes >= self.segment_bytes:
+            self.flush()
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows buffered by :meth:`append_step` and not yet written."""
+        return sum(part[0].shape[0] for part in self._buffer)
+
+    def flush(self) -> CheckpointInfo | None:
+        """Write the :meth:`append_step` buffer as one committed segment (``None`` if the buffer is empty)."""
+        if not self._buffer:
+            return None
+        self._require_writable()
+        steps = np.concatenate([p[1] for p in self._buffer])
+        first, last = int(steps.min()), int(steps.max())
+        with CheckpointWriter(
+            self, "segment", first, float("nan"), steps.shape[0], None, last_step=last
+        ) as writer:
+            for ids, step_col, lr_col, data in self._buffer:
+                writer.write(ids, torch.from_numpy(data).view(self.dtype), steps=step_col, lrs=lr_col)
+            info = writer.commit()
+        self._buffer.clear()
+        self._buffer_bytes = 0
+        return info
+
+    def close(self) -> None:
+        """Flush the trajectory buffer (read-only stores: nothing to do)."""
+        if not self.readonly:
+            self.flush()
+
+    def __enter__(self) -> GradientStore:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close()
+
+    def remove(self, info: CheckpointInfo) -> None:
+        """Delete one committed file (crash-safe: tombstone rename, manifest update, unlink)."""
+        self._require_writable()
+        name = info.path.name
+        if name not in self._entries:
+            raise ValueError(f"{name} is not a committed file of {self.root}.")
+        tomb = self.root / f"{TOMBSTONE_PREFIX}{name}"
+        os.replace(self.root / name, tomb)
+        del self._entries[name]
+        self._headers.pop(name, None)
+        self._write_manifest()
+        tomb.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ reading
+    def checkpoints(self, kind: Literal["checkpoint", "segment"] | None = None) -> list[CheckpointInfo]:
+        """Committed files in commit order (``kind`` filters checkpoints or trajectory segments)."""
+        if kind not in (None, "checkpoint", "segment"):
+            raise ValueError(f"kind must be None, 'checkpoint' or 'segment', got {kind!r}.")
+        return [e for e in self._entries.values() if kind is None or e.kind == kind]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return (
+            f"GradientStore(root={str(self.root)!r}, dim={self.dim}, dtype={self.dtype_name}, "
+            f"files={len(self._entries)}, rows={self.total_rows()})"
+        )
+
+    def total_rows(self) -> int:
+        """Rows over all committed files."""
+        return sum(e.rows for e in self._entries.values())
+
+    def _header(self, info: CheckpointInfo | int) -> FileHeader:
+        if isinstance(info, int):
+            info = self.checkpoints()[info]
+        name = info.path.name
+        if name not in self._entries:
+            raise ValueError(
+                f"{name} is not a committed file of {self.root} (call refresh() if another process wrote it)."
+            )
+        if name not in self._headers:
+            self._headers[name] = self._check_header(read_header(self.root / name))
+        return self._headers[name]
+
+    def read(self, info: CheckpointInfo | int) -> tuple[Tensor, Tensor]:
+        """``(task_ids [rows] int64, rows [rows, dim] store dtype)`` backed by copy-on-write memmaps (not loaded).
+
+        Writing to the returned tensors never changes the file. Pages are read on access.
+        """
+        h = self._header(info)
+        if h.rows == 0:
+            return torch.empty(0, dtype=torch.int64), torch.empty(0, h.dim, dtype=self.dtype)
+        ids = np.memmap(h.path, dtype="<i8", mode="c", offset=h.ids_offset, shape=(h.rows,))
+        data = np.memmap(
+            h.path, dtype=_DTYPES[h.dtype][2], mode="c", offset=h.data_offset, shape=(h.rows, h.dim)
+        )
+        rows = torch.from_numpy(data)
+        if h.dtype == "bfloat16":
+            rows = rows.view(torch.bfloat16)
+        return torch.from_numpy(ids), rows
+
+    def read_steps(self, info: CheckpointInfo | int) -> tuple[Tensor, Tensor]:
+        """Per-row ``(steps int64, learning_rates float64)``; constant columns for a checkpoint."""
+        h = self._header(info)
+        if h.kind == "checkpoint" or h.rows == 0:
+            return torch.full((h.rows,), h.step, dtype=torch.int64), torch.full(
+                (h.rows,), h.learning_rate, dtype=torch.float64
+            )
+        steps = np.memmap(h.path, dtype="<i8", mode="c", offset=h.steps_offset, shape=(h.rows,))
+        lrs = np.memmap(h.path, dtype="<f8", mode="c", offset=h.lrs_offset, shape=(h.rows,))
+        return torch.from_numpy(steps), torch.from_numpy(lrs)
+
+    def _rows_per_block(self, block_rows: int, block_bytes: int, compute_dtype: torch.dtype) -> int:
+        if int(block_rows) <= 0 or int(block_bytes) <= 0:
+            raise ValueError(f"block_rows and block_bytes must be positive, got {block_rows}, {block_bytes}.")
+        per_row = self.dim * max(torch.empty((), dtype=compute_dtype).element_size(), 1)
+        return max(1, min(int(block_rows), int(block_bytes) // per_row))
+
+    def iter_blocks(
+        self,
+        info: CheckpointInfo | int,
+        *,
+        block_rows: int = 65536,
+        block_bytes: int = DEFAULT_BLOCK_BYTES,
+        compute_dtype: torch.dtype = torch.float32,
+        columns: bool = False,
+    ) -> Iterator[tuple[int, int, Tensor, np.ndarray | None, np.ndarray | None, np.ndarray | None]]:
+        """Stream ``(start, stop, rows[start:stop] in compute_dtype, ids, steps, lrs)`` with bounded RAM.
+
+        The yielded tensors reuse the same buffers: consume (or copy) each block before taking the next.
+        ``ids``/``steps``/``lrs`` are ``None`` unless ``columns=True`` (``steps``/``lrs`` stay ``None`` for a
+        checkpoint). ``block_bytes`` caps the size of one ``compute_dtype`` block.
+        """
+        h = self._header(info)
+        nrows = self._rows_per_block(block_rows, block_bytes, compute_dtype)
+        nrows = min(nrows, max(h.rows, 1))
+        storage = _DTYPES[h.dtype][2]
+        raw = np.empty((nrows, h.dim), dtype=storage)
+        same = self.dtype == compute_dtype
+        conv = None if same else torch.empty((nrows, h.dim), dtype=compute_dtype)
+        with open(h.path, "rb", buffering=0) as f:
+            for start in range(0, h.rows, nrows):
+                stop = min(start + nrows, h.rows)
+                n = stop - start
+                _read_exact(f, h.data_offset + start * h.row_bytes, raw[:n])
+                block = torch.from_numpy(raw[:n])
+                if h.dtype == "bfloat16":
+                    block = block.view(torch.bfloat16)
+                if conv is not None:
+                    conv[:n].copy_(block)
+                    block = conv[:n]
+                ids = steps = lrs = None
+                if columns:
+                    ids = np.empty(n, dtype="<i8")
+                    _read_exact(f, h.ids_offset + 8 * start, ids)
+                    if h.kind == "segment":
+                        steps, lrs = np.empty(n, dtype="<i8"), np.empty(n, dtype="<f8")
+                        _read_exact(f, h.steps_offset + 8 * start, steps)
+                        _read_exact(f, h.lrs_offset + 8 * start, lrs)
+                yield start, stop, block, ids, steps, lrs
+
+    def dot(
+        self,
+        info: CheckpointInfo | int,
+        vectors: Tensor,
+        *,
+        block_rows: int = 65536,
+        block_bytes: int = DEFAULT_BLOCK_BYTES,
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """``rows @ vectors`` for ``vectors`` ``[dim]`` or ``[dim, r]`` -> ``[rows]`` / ``[rows, r]``, streamed.
+
+        Rows are read in blocks of at most ``block_rows`` rows and ``block_bytes`` bytes (as ``compute_dtype``)
+        and multiplied in ``compute_dtype`` on the CPU, so RAM stays at about two blocks plus the output.
+        """
+        h = self._header(info)
+        vec = self._check_vectors(vectors, compute_dtype)
+        out = torch.empty((h.rows, *vec.shape[1:]), dtype=compute_dtype)
+        for start, stop, block, *_ in self.iter_blocks(
+            info, block_rows=block_rows, block_bytes=block_bytes, compute_dtype=compute_dtype
+        ):
+            torch.matmul(block, vec, out=out[start:stop])
+        return out
+
+    def _check_vectors(self, vectors: Tensor, compute_dtype: torch.dtype) -> Tensor:
+        if not isinstance(vectors, Tensor):
+            vectors = torch.as_tensor(np.asarray(vectors))
+        if vectors.dim() not in (1, 2) or vectors.shape[0] != self.dim:
+            raise ValueError(
+                f"vectors must have shape [{self.dim}] or [{self.dim}, r], got {tuple(vectors.shape)}."
+            )
+        vec = vectors.detach().to(device="cpu", dtype=compute_dtype).contiguous()
+        if not bool(torch.isfinite(vec).all()):
+            raise ValueError("vectors contain non-finite values.")
+        return vec
+
+    # ------------------------------------------------------------------ TracIn
+    def tracin_scores(
+        self,
+        reference: Reference,
+        *,
+        checkpoints: Sequence[CheckpointInfo] | None = None,
+        task_ids: Any = None,
+        match: Literal["exact", "previous", "nearest"] = "exact",
+        per_step_mean: bool = False,
+        block_rows: int = 65536,
+        block_bytes: int = DEFAULT_BLOCK_BYTES,
+    ) -> TracInResult:
+        """TracIn / TracInCP scores ``Σ lr · ⟨∇f(λ_step), g_k⟩`` over stored rows, accumulated per task id.
+
+        Args:
+            reference: the (projected, same projection) gradient of the reference loss ``f``: one tensor ``[dim]``
+                for every step, a mapping ``step -> [dim]`` (resolved with ``match``), or a callable
+                ``step -> [dim] | None`` (``None`` skips the rows of that step).
+            checkpoints: files to use (default: all; checkpoints and trajectory segments).
+            task_ids: return scores aligned to these ids (ids never stored get 0); default: every stored id, sorted.
+            match: for a mapping: ``"exact"`` (a missing step raises), ``"previous"`` (latest key <= step) or
+                ``"nearest"`` key.
+            per_step_mean: divide the learning rate of each trajectory row by the number of rows recorded at its
+                step (the ``η_t / B`` of MATH.md §5 when the whole meta-batch of ``B`` tasks was appended).
+                Checkpoints always use ``η_c`` (TracInCP).
+
+        Dots are computed in float32 blocks and accumulated in float64. Sign convention (MATH.md §3): a positive
+        score means the task helped reduce ``f``.
+        """
+        t0 = time.perf_counter()
+        infos = list(self.checkpoints() if checkpoints is None else checkpoints)
+        resolve = self._reference_resolver(reference, match)
+        step_counts: dict[int, int] = {}
+        if per_step_mean:
+            for info in infos:
+                if info.kind == "segment":
+                    steps, _ = self.read_steps(info)
+                    uniq, counts = np.unique(steps.numpy(), return_counts=True)
+                    for s, c in zip(uniq.tolist(), counts.tolist()):
+                        step_counts[s] = step_counts.get(s, 0) + c
+        acc_ids = np.empty(0, dtype=np.int64)
+        acc_scores = np.empty(0, dtype=np.float64)
+        acc_counts = np.empty(0, dtype=np.int64)
+        skipped: set[int] = set()
+        rows_used = 0
+        for info in infos:
+            part_ids, part_scores = [], []
+            cache: dict[int, Tensor | None] = {}
+
+            def ref(step: int, cache: dict[int, Tensor | None] = cache) -> Tensor | None:
+                if step not in cache:
+                    cache[step] = resolve(step)
+                    if cache[step] is None:
+                        skipped.add(step)
+                return cache[step]
+
+            for _, _, block, ids, steps, lrs in self.iter_blocks(
+                info, block_rows=block_rows, block_bytes=block_bytes, columns=True
+            ):
+                if info.kind == "checkpoint":
+                    vec = ref(info.step)
+                    if vec is None:
+                        break
+                    contrib = (block @ vec).double().numpy() * info.learning_rate
+                    keep = slice(None)
+                else:
+                    uniq, inv = np.unique(steps, return_inverse=True)
+                    refs = [ref(int(s)) for s in uniq]
+                    ok = np.array([r is not None for r in refs])
+                    if not ok.any():
+                        continue
+                    mat = torch.stack([r if r is not None else torch.zeros(self.dim) for r in refs])
+                    dots = torch.einsum("nd,nd->n", block, mat[torch.from_numpy(inv.reshape(-1))])
+                    weights = lrs.copy()
+                    if per_step_mean:
+                        weights /= np.array([step_counts[int(s)] for s in uniq], dtype=np.float64)[
+                            inv.reshape(-1)
+                        ]
+                    contrib = dots.double().numpy() * weights
+                    keep = ok[inv.reshape(-1)]
+                part_ids.append(ids[keep])
+                part_scores.append(contrib[keep])
+            if not part_ids:
+                continue
+            ids_all = np.concatenate(part_ids + [acc_ids])
+            scores_all = np.concatenate(part_scores + [acc_scores])
+            counts_all = np.concatenate(
+                [np.ones(sum(p.shape[0] for p in part_ids), dtype=np.int64), acc_counts]
+            )
+            rows_used += ids_all.shape[0] - acc_ids.shape[0]
+            acc_ids, inv = np.unique(ids_all, return_inverse=True)
+            inv = inv.reshape(-1)
+            acc_scores = np.bincount(inv, weights=scores_all, minlength=acc_ids.shape[0])
+            acc_counts = np.bincount(inv, weights=counts_all, minlength=acc_ids.shape[0]).astype(np.int64)
+        if task_ids is not None:
+            want = _as_ids(task_ids)
+            scores, counts = np.zeros(want.shape[0]), np.zeros(want.shape[0], dtype=np.int64)
+            if acc_ids.size:
+                pos = np.searchsorted(acc_ids, want).clip(max=acc_ids.size - 1)
+                found = acc_ids[pos] == want
+                scores[found], counts[found] = acc_scores[pos[found]], acc_counts[pos[found]]
+            acc_ids, acc_scores, acc_counts = want, scores, counts
+        return TracInResult(
+            task_ids=torch.from_numpy(np.ascontiguousarray(acc_ids, dtype=np.int64)),
+            scores=torch.from_numpy(np.ascontiguousarray(acc_scores, dtype=np.float64)),
+            counts=torch.from_numpy(np.ascontiguousarray(acc_counts, dtype=np.int64)),
+            diagnostics={
+                "files": len(infos),
+                "rows_used": rows_used,
+                "skipped_steps": sorted(skipped)[:100],
+                "num_skipped_steps": len(skipped),
+                "seconds": time.perf_counter() - t0,
+            },
+        )
+
+    def _reference_resolver(self, reference: Reference, match: str) -> Callable[[int], Tensor | None]:
+        if match not in ("exact", "previous", "nearest"):
+            raise ValueError(f"match must be 'exact', 'previous' or 'nearest', got {match!r}.")
+
+        def prep(v: Any, step: int) -> Tensor:
+            v = self._check_vectors(v, torch.float32)
+            if v.dim() != 1:
+                raise ValueError(
+                    f"reference for step {step} must have shape [{self.dim}], got {tuple(v.shape)}."
+                )
+            return v
+
+        if isinstance(reference, Tensor):
+            vec = prep(reference, -1)
+            return lambda step: vec
+        if isinstance(reference, Mapping):
+            keys = np.array(sorted(int(k) for k in reference), dtype=np.int64)
+            if keys.size == 0:
+                raise ValueError("reference mapping is empty.")
+            lookup = {int(k): v for k, v in reference.items()}
+
+            def from_mapping(step: int) -> Tensor | None:
+                if match == "exact":
+                    if step not in lookup:
+                        raise ValueError(
+                            f"no reference gradient for step {step} (have steps {keys[:10].tolist()}...); pass "
+                            "match='previous' or 'nearest', or add it."
+                        )
+                    key = step
+                elif match == "previous":
+                    i = int(np.searchsorted(keys, step, side="right")) - 1
+                    if i < 0:
+                        raise ValueError(
+                            f"no reference step <= {step} (first is {int(keys[0])}); use match='nearest'."
+                        )
+                    key = int(keys[i])
+                else:
+                    i = int(np.argmin(np.abs(keys - step)))
+                    key = int(keys[i])
+                return prep(lookup[key], step)
+
+            return from_mapping
+        if callable(reference):
+
+            def from_callable(step: int) -> Tensor | None:
+                v = reference(step)
+                return None if v is None else prep(v, step)
+
+            return from_callable
+        raise ValueError(
+            f"reference must be a Tensor [dim], a mapping step -> Tensor or a callable, got {type(reference).__name__}."
+        )
+
+    # ------------------------------------------------------------------ bookkeeping
+    def size_bytes(self) -> int:
+        """Bytes on disk: every committed file plus the manifest."""
+        manifest = self.root / MANIFEST_NAME
+        return sum(e.nbytes for e in self._entries.values()) + (
+            manifest.stat().st_size if manifest.exists() else 0
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-python description (root, dim, dtype name, projection, committed file metadata)."""
+        return {
+            "root": str(self.root),
+            "dim": self.dim,
+            "dtype": self.dtype_name,
+            "projection": self.projection,
+            "format_version": FORMAT_VERSION,
+            "checkpoints": [info.to_dict() for info in self._entries.values()],
+        }
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state: Mapping[str, Any],
+        *,
+        root: str | os.PathLike[str] | None = None,
+        prune_unlisted: bool = False,
+        readonly: bool = False,
+    ) -> GradientStore:
+        """Reopen the store described by :meth:`state_dict` and check that every listed file is still there.
+
+        ``root`` overrides the recorded directory (moved store). ``prune_unlisted=True`` removes committed files
+        that the state does not list (e.g. written after the training checkpoint that is being resumed).
+
+        Example:
+            >>> import tempfile, torch
+            >>> store = GradientStore(tempfile.mkdtemp(), dim=2)
+            >>> _ = store.write_checkpoint(1, 0.1, [0], torch.ones(1, 2))
+            >>> again = GradientStore.from_state_dict(store.state_dict())
+            >>> [c.step for c in again.checkpoints()]
+            [1]
+        """
+        store = cls(
+            root if root is not None else state["root"],
+            state["dim"],
+            state["dtype"],
+            projection=state.get("projection"),
+            readonly=readonly,
+        )
+        listed = {c["file"]: c for c in state.get("checkpoints", [])}
+        have = {info.path.name: info for info in store.checkpoints()}
+        missing = sorted(set(listed) - set(have))
+        if missing:
+            raise ValueError(
+                f"{store.root} lacks files listed in the state dict: {missing[:5]}; the store was modified or "
+                "the state belongs to another store."
+            )
+        for name, entry in listed.items():
+            if have[name].rows != entry["rows"] or have[name].step != entry["step"]:
+                raise ValueError(
+                    f"{name}: state dict says step {entry['step']}, {entry['rows']} rows; store disagrees."
+                )
+        if prune_unlisted:
+            for name in sorted(set(have) - set(listed)):
+                store.remove(have[name])
+        return store

@@ -1,0 +1,583 @@
+"""Task influence: task-IF, direct-IF, TracInCP, the inner-product ensemble, self-influence (MATH.md §3, §5).
+
+Every estimator returns an :class:`InfluenceResult` whose ``scores`` follow the project's one convention:
+``score_k`` is the first-order predicted *increase* of the reference objective ``f`` if task k were removed
+(positive = the task helps, negative = it harms; pruning removes the lowest scores).
+
+* ``task_if``: ``score_k = (w_k / M) ∇f(λ)ᵀ (H + δI)^{-1} g_k`` with the total Hessian ``H`` of
+  ``F(λ) = (1/M) Σ w_k ℓ_k + (l2/2)‖λ‖²`` and total task gradients ``g_k``; one solve ``s = (H + δI)^{-1} ∇f``.
+* ``direct_if``: the same formula through a :class:`DirectProblem` view in which the adapted parameters are
+  treated as independent of ``λ`` (first-order MAML gradients, the direct Hessian): Ren et al.'s baseline.
+* ``tracin``: TracInCP ``Σ_c η_c ∇f(λ_c)ᵀ P_c g_k(λ_c)`` over :class:`Checkpoint` s (``checkpoints=None``: the
+  inner-product influence at ``params``, ``η = 1``).
+* ``ensemble``: Yang et al.'s average of inner-product scores over checkpoints and/or Gaussian-perturbed copies.
+* ``self``: self-influence ``g_kᵀ (H + δI)^{-1} g_k`` without a reference set. High self-influence flags
+  unusual or mislabelled tasks, so to keep "lowest score = most suspicious" the ``scores`` are the
+  *negated* self-influence; the positive values are in ``self_influence``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_metaif.influence.gradients import (
+    Utility,
+    Vectorize,
+    per_task_gradients,
+    reference_gradient,
+)
+from lightning_metaif.influence.hessian import Curvature, TotalHessian
+from lightning_metaif.influence.problem import ParamLayout, Params, check_problem, trainable
+from lightning_metaif.influence.solvers import SOLVERS, DenseMatrix, SolverError, SolveResult, solve
+from lightning_metaif.influence.tasks import Tasks, resolve_task_ids, select_tasks
+from lightning_metaif.influence.tracin import Checkpoint, Projection, point_scores
+
+ESTIMATORS = ("task_if", "direct_if", "tracin", "ensemble", "self")
+
+DEFAULT_DAMPING = 1e-3
+"""Default ``δ`` in ``(H + δI)``: small against the curvature of a mean task loss (O(0.1-10) per direction
+for well-scaled models), so it barely biases PD problems, yet it keeps CG away from near-zero directions.
+Raise it (1e-2 to 1e-1) for non-convex networks whose total Hessian has negative eigenvalues."""
+
+
+# --- results ---------------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+@dataclass
+class InfluenceResult:
+    """Scores of one estimator for a pool of tasks (``scores[i]`` belongs to ``task_ids[i]``).
+
+    Example:
+        >>> import torch
+        >>> r = InfluenceResult(torch.tensor([10, 11, 12]), torch.tensor([0.5, -1.0, 2.0]), estimator="task_if")
+        >>> r.ranking().tolist(), len(r)
+        ([11, 10, 12], 3)
+    """
+
+    task_ids: Tensor
+    scores: Tensor
+    self_influence: Tensor | None = None
+    estimator: str = ""
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.task_ids = torch.as_tensor(self.task_ids).to(torch.long).cpu().reshape(-1)
+        self.scores = torch.as_tensor(self.scores).detach().cpu().reshape(-1)
+        if self.scores.shape != self.task_ids.shape:
+            raise ValueError(
+                f"scores has {self.scores.numel()} entries for {self.task_ids.numel()} task ids; they must align."
+            )
+        if self.self_influence is not None:
+            self.self_influence = torch.as_tensor(self.self_influence).detach().cpu().reshape(-1)
+            if self.self_influence.shape != self.task_ids.shape:
+                raise ValueError("self_influence must have one entry per task id.")
+
+    def __len__(self) -> int:
+        return int(self.task_ids.numel())
+
+    def ranking(self) -> Tensor:
+        """Task ids ordered from most harmful (lowest score) to most helpful (stable for ties)."""
+        order = torch.argsort(self.scores, stable=True)
+        return self.task_ids[order]
+
+    def as_dict(self) -> dict[int, float]:
+        """``{task_id: score}``."""
+        return dict(zip(self.task_ids.tolist(), self.scores.tolist()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python (JSON-serialisable) form: lists, floats, nested diagnostics."""
+        return {
+            "estimator": self.estimator,
+            "task_ids": self.task_ids.tolist(),
+            "scores": self.scores.tolist(),
+            "self_influence": None if self.self_influence is None else self.self_influence.tolist(),
+            "diagnostics": _jsonable(self.diagnostics),
+        }
+
+
+# --- direct-IF view --------------------------------------------------------------------------------------
+
+
+class DirectProblem:
+    """A view of ``problem`` whose derivatives ignore the adaptation's dependence on ``λ`` (direct-IF).
+
+    ``task_loss(λ) = outer_loss(λ + stop_grad(adapt(λ) − λ), λ, task)``: the value is unchanged, the gradient is
+    the direct (first-order MAML) gradient and the Hessian is the direct Hessian ``∇²_θ L_O`` at the adapted
+    point. Needs ``adapt`` and ``outer_loss`` on the problem.
+    """
+
+    def __init__(self, problem: Any) -> None:
+        check_problem(problem)
+        if not (callable(getattr(problem, "adapt", None)) and callable(getattr(problem, "outer_loss", None))):
+            raise ValueError(
+                f"direct-IF needs `adapt(params, task, support_weights=None)` and `outer_loss(adapted, params, "
+                f"task, query_weights=None)` on the problem; {type(problem).__name__} has only `task_loss`. "
+                "Use estimator='task_if' or 'tracin', or expose the two halves of task_loss."
+            )
+        self.problem = problem
+
+    def adapt(self, params: Params, task: Any, support_weights: Tensor | None = None) -> Params:
+        adapted = self.problem.adapt(params, task, support_weights=support_weights)
+        return {
+            k: (params[k] + (v - params[k]).detach()) if k in params else v.detach()
+            for k, v in adapted.items()
+        }
+
+    def outer_loss(
+        self, adapted: Params, params: Params, task: Any, query_weights: Tensor | None = None
+    ) -> Tensor:
+        return self.problem.outer_loss(adapted, params, task, query_weights=query_weights)
+
+    def task_loss(
+        self,
+        params: Params,
+        task: Any,
+        support_weights: Tensor | None = None,
+        query_weights: Tensor | None = None,
+    ) -> Tensor:
+        return self.outer_loss(self.adapt(params, task, support_weights), params, task, query_weights)
+
+
+# --- shared machinery ------------------------------------------------------------------------------------
+
+
+def _check_common(estimator: str, solver: str, damping: float) -> None:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"Unknown estimator {estimator!r}; choose one of {ESTIMATORS}.")
+    if solver not in SOLVERS:
+        raise ValueError(f"Unknown solver {solver!r}; choose one of {SOLVERS}.")
+    if not (damping >= 0) or not math.isfinite(damping):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping}.")
+
+
+def _check_reference(reference_tasks: Any, utility: Any, needed: bool, estimator: str) -> None:
+    if needed and (reference_tasks is None) == (utility is None):
+        raise ValueError(
+            f"estimator={estimator!r} needs exactly one reference objective: `reference_tasks` (held-out tasks "
+            "whose mean query loss is f) or `utility` (a differentiable function params -> scalar)."
+        )
+    if not needed and (reference_tasks is not None or utility is not None):
+        raise ValueError(
+            "estimator='self' uses no reference objective: drop `reference_tasks` / `utility` (or choose "
+            "another estimator and set with_self_influence=True)."
+        )
+
+
+def _task_weights(task_weights: Any, num_tasks: int, like: Tensor) -> Tensor:
+    if task_weights is None:
+        return torch.ones(num_tasks, dtype=like.dtype, device=like.device)
+    weights = torch.as_tensor(task_weights, dtype=like.dtype, device=like.device).reshape(-1)
+    if weights.numel() != num_tasks:
+        raise ValueError(
+            f"task_weights has {weights.numel()} entries for {num_tasks} tasks; give one per task."
+        )
+    return weights
+
+
+class _Curvature:
+    """The damped total Hessian and its solves; the dense matrix is materialised once and reused."""
+
+    def __init__(
+        self, problem: Any, params: Params, tasks: Tasks, *, solver: str, damping: float, **kwargs: Any
+    ):
+        self.solver, self.damping = solver, damping
+        self.options = dict(kwargs.pop("solver_options", None) or {})
+        self.operator: Any = TotalHessian(problem, params, tasks, **kwargs)
+        if solver == "dense":
+            self.operator = DenseMatrix(self.operator.dense())
+        self.products = 0
+
+    def solve(self, rhs: Tensor) -> SolveResult:
+        result = solve(self.operator, rhs, method=self.solver, damping=self.damping, **self.options)
+        self.products += int(result.iterations)
+        return result
+
+    def quadratic_forms(self, rows: Tensor) -> Tensor:
+        """``g_kᵀ (H + δI)^{-1} g_k`` for each row (one solve per row; one eigendecomposition for dense)."""
+        if self.solver == "identity":
+            return (rows * rows).sum(1)
+        if self.solver == "dense":
+            eigenvalues, eigenvectors = torch.linalg.eigh(self.operator.matrix)
+            shifted = eigenvalues + self.damping
+            if float(shifted.min()) <= 0:
+                raise SolverError(
+                    f"H + δI is not positive definite (smallest eigenvalue {float(shifted.min()):.3e}): raise damping."
+                )
+            coords = rows @ eigenvectors
+            return (coords * coords / shifted).sum(1)
+        return torch.stack([row @ self.solve(row).solution for row in rows])
+
+
+def _solve_diagnostics(result: SolveResult) -> dict[str, Any]:
+    return {
+        "solver": result.solver,
+        "damping": result.damping,
+        "iterations": result.iterations,
+        "residual": result.residual,
+        "converged": result.converged,
+        "solver_extra": dict(result.extra),
+    }
+
+
+def _noisy(params: Params, std: float, generator: torch.Generator) -> Params:
+    out = {}
+    for name, value in params.items():
+        noise = torch.randn(value.shape, generator=generator, dtype=value.dtype)
+        out[name] = (value.detach() + std * noise.to(value.device)).requires_grad_(True)
+    return out
+
+
+# --- task influence --------------------------------------------------------------------------------------
+
+
+def task_influence(
+    problem: Any,
+    params: Params,
+    train_tasks: Tasks,
+    reference_tasks: Tasks | None = None,
+    *,
+    task_ids: Sequence[int] | Tensor | None = None,
+    estimator: str = "task_if",
+    solver: str = "cg",
+    damping: float = DEFAULT_DAMPING,
+    l2: float = 0.0,
+    utility: Utility | None = None,
+    task_weights: Tensor | Sequence[float] | None = None,
+    curvature: Curvature = "exact",
+    solver_options: dict[str, Any] | None = None,
+    chunk_size: int = 16,
+    vectorize: Vectorize = "auto",
+    checkpoints: Sequence[Checkpoint] | None = None,
+    noise_copies: int = 0,
+    noise_std: float = 0.01,
+    seed: int = 0,
+    projection: Projection | None = None,
+    with_self_influence: bool = False,
+) -> InfluenceResult:
+    """Score every training task: the predicted increase of ``f`` if the task were removed (positive = helps).
+
+    Args:
+        problem: object with ``task_loss(params, task, support_weights=None, query_weights=None)``
+            (``direct_if`` also needs ``adapt`` / ``outer_loss``).
+        params: meta-parameters ``λ*`` (those requiring grad are attributed), ideally at a (local) optimum of
+            ``F(λ) = (1/M) Σ w_k ℓ_k + (l2/2)‖λ‖²``.
+        train_tasks: the pool of M training tasks (a ``TaskBatch`` is vmapped; a sequence is looped).
+        reference_tasks: held-out tasks; ``f`` is their mean query loss (each adapted from ``λ``).
+        task_ids: ids for a plain sequence of tasks without ``task_id`` attributes.
+        estimator: one of ``"task_if"``, ``"direct_if"``, ``"tracin"``, ``"ensemble"``, ``"self"``.
+        solver: inverse-HVP method for ``task_if`` / ``direct_if`` / ``self``: ``"identity"``, ``"dense"``,
+            ``"cg"``, ``"lissa"``, ``"arnoldi"`` (``solver_options`` are passed on to it).
+        damping: ``δ ≥ 0`` in ``(H + δI)``; default :data:`DEFAULT_DAMPING` ``= 1e-3``.
+        l2: the L2 coefficient of the training objective (part of ``H``; not of ``g_k``).
+        utility: a differentiable ``params -> scalar`` used as ``f`` instead of ``reference_tasks``.
+        task_weights: ``w_k`` of the training objective (scales ``H`` and each task's score).
+        curvature: ``"exact"`` total Hessian or Ren et al.'s ``"gamma"`` surrogate.
+        chunk_size, vectorize: passed to the gradient / Hessian engine.
+        checkpoints: :class:`Checkpoint` s for ``tracin`` / ``ensemble`` (default: ``params`` with ``η = 1``).
+        noise_copies, noise_std, seed: ``ensemble`` members ``λ + N(0, noise_std²)`` per base point (seeded).
+        projection: callable ``[n, p] -> [n, d]`` applied to task and reference gradients (only with the
+            identity: ``tracin``, ``ensemble``, or ``solver="identity"``).
+        with_self_influence: also return ``self_influence``. Cheap for identity / projection / ``tracin`` /
+            ``ensemble`` and for ``solver="dense"`` (one eigendecomposition); otherwise one extra solve *per
+            task* (M solves), which can dominate the cost.
+
+    Returns:
+        :class:`InfluenceResult` with ``diagnostics`` (solver iterations, residual, damping, seconds,
+        reference value, number of parameters, ...).
+
+    Example:
+        >>> import torch
+        >>> from lightning_metaif.influence.tasks import TaskBatch
+        >>> class Quadratic:  # ℓ_k(λ) = ‖λ − x_k‖²/2
+        ...     def task_loss(self, params, task, support_weights=None, query_weights=None):
+        ...         return 0.5 * ((params["w"] - task.query_x.mean(0)) ** 2).sum()
+        >>> train = TaskBatch(torch.zeros(3, 1, 1), torch.zeros(3, 1), torch.tensor([[[1.0]], [[2.0]], [[-3.0]]]),
+        ...                   torch.zeros(3, 1), torch.arange(3))
+        >>> ref = TaskBatch(torch.zeros(1, 1, 1), torch.zeros(1, 1), torch.tensor([[[1.0]]]), torch.zeros(1, 1),
+        ...                 torch.tensor([9]))
+        >>> lam = {"w": torch.zeros(1, requires_grad=True)}  # the optimum of the mean loss
+        >>> result = task_influence(Quadratic(), lam, train, ref, solver="dense", damping=0.0)
+        >>> [round(s, 4) for s in result.scores.tolist()]  # tasks pulling w towards 1 help
+        [0.3333, 0.6667, -1.0]
+    """
+    _check_common(estimator, solver, damping)
+    check_problem(problem)
+    _check_reference(reference_tasks, utility, estimator != "self", estimator)
+    if noise_copies < 0 or noise_std < 0:
+        raise ValueError("noise_copies and noise_std must be >= 0.")
+    if noise_copies and estimator != "ensemble":
+        raise ValueError("noise_copies only applies to estimator='ensemble'.")
+    if checkpoints is not None and estimator not in ("tracin", "ensemble", "self"):
+        raise ValueError(
+            "checkpoints only apply to estimator='tracin', 'ensemble' or 'self' (with solver='identity')."
+        )
+    if checkpoints is not None and len(checkpoints) == 0:
+        raise ValueError("checkpoints is empty: pass at least one Checkpoint, or None to use `params`.")
+    if checkpoints is not None and estimator == "self" and solver != "identity":
+        raise ValueError("estimator='self' with checkpoints is TracIn self-influence: use solver='identity'.")
+    uses_identity = estimator in ("tracin", "ensemble") or solver == "identity"
+    if projection is not None and not uses_identity:
+        raise ValueError(
+            "A projection only preserves inner products, not inverse-Hessian products: use it with "
+            "estimator='tracin'/'ensemble', or solver='identity'."
+        )
+    start = time.perf_counter()
+    params = trainable(params)
+    ids = resolve_task_ids(train_tasks, task_ids)
+    num_tasks = len(ids)
+    like = next(iter(params.values()))
+    weights = _task_weights(task_weights, num_tasks, like)
+    engine = {"chunk_size": chunk_size, "vectorize": vectorize}
+    diagnostics: dict[str, Any] = {
+        "estimator": estimator,
+        "num_tasks": num_tasks,
+        "num_params": ParamLayout.of(params).numel,
+        "l2": l2,
+        "damping": damping,
+    }
+    self_influence = None
+
+    if estimator in ("tracin", "ensemble") or (estimator == "self" and checkpoints is not None):
+        scores, self_influence, extra = _checkpoint_scores(
+            problem,
+            params,
+            train_tasks,
+            reference_tasks,
+            utility=utility,
+            ids=ids,
+            estimator=estimator,
+            checkpoints=checkpoints,
+            noise_copies=noise_copies,
+            noise_std=noise_std,
+            seed=seed,
+            projection=projection,
+            engine=engine,
+        )
+        diagnostics.update(extra, solver="identity")
+        scores = scores * weights.to(scores)
+        self_influence = self_influence * weights.to(scores)
+        if estimator == "self":
+            scores = -self_influence
+    else:
+        target = DirectProblem(problem) if estimator == "direct_if" else problem
+        identity_projection = projection if solver == "identity" else None
+        t0 = time.perf_counter()
+        grads, losses = per_task_gradients(
+            target, params, train_tasks, task_ids=ids, transform=identity_projection, **engine
+        )
+        diagnostics["gradient_seconds"] = time.perf_counter() - t0
+        diagnostics["mean_task_loss"] = float(losses.mean())
+        diagnostics["curvature"] = curvature
+        curv = _Curvature(
+            target,
+            params,
+            train_tasks,
+            solver=solver,
+            damping=damping,
+            solver_options=solver_options,
+            task_weights=weights,
+            l2=l2,
+            curvature=curvature,
+            **engine,
+        )
+        if estimator == "self":
+            t0 = time.perf_counter()
+            self_influence = curv.quadratic_forms(grads) * weights
+            scores = -self_influence
+            diagnostics.update(solver=solver, solve_seconds=time.perf_counter() - t0)
+        else:
+            ref_grad, ref_value = reference_gradient(
+                target, params, reference_tasks, utility=utility, **engine
+            )
+            diagnostics.update(reference_value=float(ref_value), reference_grad_norm=float(ref_grad.norm()))
+            t0 = time.perf_counter()
+            if identity_projection is not None:
+                ref_grad = identity_projection(ref_grad[None])[0]
+                result = SolveResult(ref_grad, "identity", damping, 0, float("nan"), True)
+            else:
+                result = curv.solve(ref_grad)
+            diagnostics.update(_solve_diagnostics(result), solve_seconds=time.perf_counter() - t0)
+            scores = weights * (grads @ result.solution) / num_tasks
+            if with_self_influence:
+                self_influence = curv.quadratic_forms(grads) * weights
+        diagnostics["hessian_products"] = curv.products
+    diagnostics["seconds"] = time.perf_counter() - start
+    return InfluenceResult(ids, scores, self_influence, estimator, diagnostics)
+
+
+def _checkpoint_scores(
+    problem: Any,
+    params: Params,
+    train_tasks: Tasks,
+    reference_tasks: Tasks | None,
+    *,
+    utility: Utility | None,
+    ids: Tensor,
+    estimator: str,
+    checkpoints: Sequence[Checkpoint] | None,
+    noise_copies: int,
+    noise_std: float,
+    seed: int,
+    projection: Projection | None,
+    engine: dict[str, Any],
+) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """TracInCP (``η``-weighted sum), the ensemble (plain mean of IP scores) or TracIn self-influence."""
+    bases = list(checkpoints) if checkpoints is not None else [Checkpoint(params, 1.0)]
+    generator = torch.Generator().manual_seed(seed)
+    need_reference = estimator != "self"
+    member_scores, member_self, values = [], [], []
+    for base in bases:
+        if not isinstance(base, Checkpoint):
+            raise ValueError(f"checkpoints must hold Checkpoint objects, got {type(base).__name__}.")
+        points = [trainable(base.params)]
+        points += [_noisy(points[0], noise_std, generator) for _ in range(noise_copies)]
+        for point in points:
+            out = point_scores(
+                problem,
+                point,
+                train_tasks,
+                reference_tasks,
+                utility=utility,
+                task_ids=ids,
+                preconditioner=base.preconditioner,
+                projection=projection,
+                need_reference=need_reference,
+                **engine,
+            )
+            scale = 1.0 if estimator == "ensemble" else float(base.learning_rate)
+            member_self.append(scale * out["self"])
+            if need_reference:
+                member_scores.append(scale * out["dots"])
+                values.append(out["reference_value"])
+    self_stack = torch.stack(member_self)
+    extra: dict[str, Any] = {"num_members": len(member_self), "num_checkpoints": len(bases)}
+    if need_reference:
+        stack = torch.stack(member_scores)
+        extra["reference_value"] = values[-1] if checkpoints is None else values
+        if estimator == "ensemble":
+            spread = stack.std(0, unbiased=True) if len(stack) > 1 else torch.zeros_like(stack[0])
+            extra.update(member_std=spread, mean_member_std=float(spread.mean()), noise_std=noise_std)
+            return stack.mean(0), self_stack.mean(0), extra
+        return stack.sum(0), self_stack.sum(0), extra
+    return torch.zeros_like(self_stack[0]), self_stack.sum(0), extra
+
+
+def tracin_scores(
+    problem: Any,
+    checkpoints: Sequence[Checkpoint],
+    train_tasks: Tasks,
+    reference_tasks: Tasks | None = None,
+    **kwargs: Any,
+) -> InfluenceResult:
+    """TracInCP over ``checkpoints``: ``task_influence(..., estimator="tracin", checkpoints=checkpoints)``."""
+    if not checkpoints:
+        raise ValueError("tracin_scores needs at least one Checkpoint.")
+    return task_influence(
+        problem,
+        checkpoints[-1].params,
+        train_tasks,
+        reference_tasks,
+        estimator="tracin",
+        checkpoints=checkpoints,
+        **kwargs,
+    )
+
+
+# --- parameter change ------------------------------------------------------------------------------------
+
+
+def parameter_change(
+    problem: Any,
+    params: Params,
+    train_tasks: Tasks,
+    task_ids_to_remove: Sequence[int] | Tensor,
+    *,
+    task_ids: Sequence[int] | Tensor | None = None,
+    solver: str = "cg",
+    damping: float = DEFAULT_DAMPING,
+    l2: float = 0.0,
+    task_weights: Tensor | Sequence[float] | None = None,
+    curvature: Curvature = "exact",
+    solver_options: dict[str, Any] | None = None,
+    chunk_size: int = 16,
+    vectorize: Vectorize = "auto",
+) -> dict[str, Tensor]:
+    """Predicted ``λ*_{-R} − λ* ≈ (1/M) (H + δI)^{-1} Σ_{k∈R} w_k g_k`` for removing the tasks R (no retraining).
+
+    Add the returned dict to the parameters to "edit" the model as if R had never been trained on.
+
+    Example:
+        >>> import torch
+        >>> from lightning_metaif.influence.tasks import TaskBatch
+        >>> class Quadratic:
+        ...     def task_loss(self, params, task, support_weights=None, query_weights=None):
+        ...         return 0.5 * ((params["w"] - task.query_x.mean(0)) ** 2).sum()
+        >>> train = TaskBatch(torch.zeros(2, 1, 1), torch.zeros(2, 1), torch.tensor([[[1.0]], [[-1.0]]]),
+        ...                   torch.zeros(2, 1), torch.tensor([5, 6]))
+        >>> delta = parameter_change(Quadratic(), {"w": torch.zeros(1, requires_grad=True)}, train, [6],
+        ...                          solver="dense", damping=0.0)
+        >>> delta["w"].tolist()  # first order; retraining on task 5 alone gives 1.0
+        [0.5]
+    """
+    _check_common("task_if", solver, damping)
+    check_problem(problem)
+    params = trainable(params)
+    ids = resolve_task_ids(train_tasks, task_ids)
+    remove = torch.as_tensor(task_ids_to_remove, dtype=torch.long).reshape(-1).cpu()
+    position = {int(k): i for i, k in enumerate(ids.tolist())}
+    unknown = [int(k) for k in remove.tolist() if int(k) not in position]
+    if unknown or remove.numel() == 0:
+        raise ValueError(f"task_ids_to_remove must be ids of the pool; unknown or empty: {unknown[:10]}.")
+    like = next(iter(params.values()))
+    weights = _task_weights(task_weights, len(ids), like)
+    index = torch.tensor([position[int(k)] for k in remove.tolist()], dtype=torch.long)
+    engine = {"chunk_size": chunk_size, "vectorize": vectorize}
+    grads, _ = per_task_gradients(
+        problem, params, select_tasks(train_tasks, index), task_ids=ids[index], **engine
+    )
+    rhs = (weights[index.to(weights.device)][:, None] * grads).sum(0)
+    curv = _Curvature(
+        problem,
+        params,
+        train_tasks,
+        solver=solver,
+        damping=damping,
+        solver_options=solver_options,
+        task_weights=weights,
+        l2=l2,
+        curvature=curvature,
+        **engine,
+    )
+    change = curv.solve(rhs).solution / len(ids)
+    return {k: v.detach() for k, v in ParamLayout.of(params).unflatten(change).items()}
+
+
+__all__ = [
+    "DEFAULT_DAMPING",
+    "ESTIMATORS",
+    "Checkpoint",
+    "DirectProblem",
+    "InfluenceResult",
+    "parameter_change",
+    "task_influence",
+    "tracin_scores",
+]

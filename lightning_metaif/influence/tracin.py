@@ -1,0 +1,242 @@
+"""TracIn, TracInCP, inner-product influence and its ensemble (MATH.md §5): Hessian-free estimators.
+
+* :class:`Checkpoint`: a saved parameter point with the learning rate used after it and, for Adam, the
+  preconditioner ``1/(√v̂ + ε)`` (flat, in ``ParamLayout`` order) as LESS uses it.
+* :func:`point_scores`: ``∇f(λ)ᵀ P g_k(λ)`` and ``g_kᵀ P g_k`` at one parameter point, every task, computed in
+  the symmetric form ``⟨Π(√P ∇f), Π(√P g_k)⟩`` so that an optional random projection ``Π`` applies to both.
+* :class:`TracInAccumulator`: TracIn along the actual SGD path, fed step by step (by the Lightning callback):
+  ``score_k += (η_t / B) ∇f(λ_t)ᵀ g_k(λ_t)`` for every task k in the meta-batch of step t.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_metaif.influence.gradients import (
+    Utility,
+    Vectorize,
+    per_task_gradients,
+    reference_gradient,
+)
+from lightning_metaif.influence.problem import ParamLayout, Params, trainable
+from lightning_metaif.influence.tasks import Tasks
+
+Projection = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class Checkpoint:
+    """A parameter point for TracInCP / the ensemble.
+
+    Args:
+        params: meta-parameters at this checkpoint (same names as the model's; those requiring grad count).
+        learning_rate: ``η_c``, the learning rate in effect after this checkpoint (TracInCP weight).
+        preconditioner: optional flat ``[p]`` vector multiplying gradients, e.g. Adam's ``1/(√v̂ + ε)``.
+        step: optional training step, kept for bookkeeping.
+
+    Example:
+        >>> import torch
+        >>> c = Checkpoint({"w": torch.zeros(2, requires_grad=True)}, learning_rate=0.1)
+        >>> c.learning_rate
+        0.1
+    """
+
+    params: Params
+    learning_rate: float = 1.0
+    preconditioner: Tensor | None = None
+    step: int | None = None
+
+
+def _sqrt_preconditioner(preconditioner: Tensor | None, dim: int, reference: Tensor) -> Tensor | None:
+    if preconditioner is None:
+        return None
+    pre = torch.as_tensor(preconditioner).to(dtype=reference.dtype, device=reference.device).reshape(-1)
+    if pre.numel() != dim:
+        raise ValueError(
+            f"The preconditioner has {pre.numel()} entries but the parameters have {dim}: pass a flat vector "
+            "in ParamLayout.of(params) order (e.g. Adam's 1/(sqrt(v_hat)+eps) flattened)."
+        )
+    if (pre < 0).any() or not torch.isfinite(pre).all():
+        raise ValueError("The preconditioner must be finite and non-negative (a diagonal PSD scaling).")
+    return pre.sqrt()
+
+
+def point_scores(
+    problem: Any,
+    params: Params,
+    train_tasks: Tasks,
+    reference_tasks: Tasks | None = None,
+    *,
+    utility: Utility | None = None,
+    task_ids: Sequence[int] | Tensor | None = None,
+    preconditioner: Tensor | None = None,
+    projection: Projection | None = None,
+    need_reference: bool = True,
+    chunk_size: int = 16,
+    vectorize: Vectorize = "auto",
+) -> dict[str, Any]:
+    """Inner products at one point: ``dots[k] = ∇fᵀ P g_k``, ``self[k] = g_kᵀ P g_k``, plus ``f`` and losses."""
+    params = trainable(params)
+    layout = ParamLayout.of(params)
+    reference = next(iter(params.values()))
+    root = _sqrt_preconditioner(preconditioner, layout.numel, reference)
+
+    def transform(rows: Tensor) -> Tensor:
+        if root is not None:
+            rows = rows * root
+        return projection(rows) if projection is not None else rows
+
+    grads, losses = per_task_gradients(
+        problem,
+        params,
+        train_tasks,
+        task_ids=task_ids,
+        chunk_size=chunk_size,
+        vectorize=vectorize,
+        transform=transform if (root is not None or projection is not None) else None,
+    )
+    out: dict[str, Any] = {"self": (grads * grads).sum(1), "losses": losses, "dim": grads.shape[1]}
+    if need_reference:
+        ref_grad, ref_value = reference_gradient(
+            problem, params, reference_tasks, utility=utility, chunk_size=chunk_size, vectorize=vectorize
+        )
+        ref = transform(ref_grad[None])[0]
+        out.update(dots=grads @ ref, reference_value=float(ref_value), reference_grad_norm=float(ref.norm()))
+    return out
+
+
+class TracInAccumulator:
+    """TracIn along the real training trajectory (Pruthi et al.), fed one optimiser step at a time.
+
+    With plain SGD and meta-batch size ``B``, step t moves ``λ`` by ``−η_t (1/B) Σ_{k∈batch} g_k(λ_t)``, so
+    ``update`` adds ``(η_t / B) ∇f(λ_t)ᵀ g_k(λ_t)`` to each task in the batch: its first-order share of the
+    decrease of ``f`` (positive = helpful, as everywhere). Completeness: summed over tasks, the scores
+    approximate ``f(λ_0) − f(λ_T)`` for small steps. Self-influence accumulates ``η_t ‖g_k(λ_t)‖²``.
+
+    Gradients may be projected (the same projection for the task and the reference gradients); a
+    ``preconditioner`` (Adam's ``1/(√v̂ + ε)``) must then have the projected dimension or be applied before
+    projecting.
+
+    Example:
+        >>> import torch
+        >>> acc = TracInAccumulator()
+        >>> _ = acc.update(0, 0.5, [3, 7], torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([1.0, 1.0]))
+        >>> acc.scores().scores.tolist(), acc.scores().task_ids.tolist()
+        ([0.25, 0.5], [3, 7])
+    """
+
+    def __init__(self) -> None:
+        self._index: dict[int, int] = {}
+        self._scores = torch.zeros(0, dtype=torch.float64)
+        self._self = torch.zeros(0, dtype=torch.float64)
+        self._counts = torch.zeros(0, dtype=torch.long)
+        self.steps = 0
+        self.last_step: int | None = None
+
+    def _positions(self, task_ids: Sequence[int] | Tensor) -> Tensor:
+        ids = torch.as_tensor(task_ids).reshape(-1).tolist()
+        new = [int(k) for k in dict.fromkeys(ids) if int(k) not in self._index]
+        if new:
+            for k in new:
+                self._index[k] = len(self._index)
+            grow = len(new)
+            self._scores = torch.cat([self._scores, torch.zeros(grow, dtype=torch.float64)])
+            self._self = torch.cat([self._self, torch.zeros(grow, dtype=torch.float64)])
+            self._counts = torch.cat([self._counts, torch.zeros(grow, dtype=torch.long)])
+        return torch.tensor([self._index[int(k)] for k in ids], dtype=torch.long)
+
+    def update(
+        self,
+        step: int,
+        learning_rate: float,
+        task_ids: Sequence[int] | Tensor,
+        task_gradients: Tensor,
+        reference_gradient: Tensor | None = None,
+        *,
+        batch_size: int | None = None,
+        preconditioner: Tensor | None = None,
+    ) -> Tensor | None:
+        """Add one step's contributions; returns them (``[B]``, aligned with ``task_ids``) or None.
+
+        Args:
+            step: the optimiser step (bookkeeping only).
+            learning_rate: ``η_t`` of this step.
+            task_ids: ids of the tasks in the meta-batch (``[B]``; repeats allowed).
+            task_gradients: ``[B, p]`` (or projected ``[B, d]``) gradients taken at ``λ_t`` before the step.
+            reference_gradient: ``∇f(λ_t)`` (``[p]`` or ``[d]``); None records only self-influence and counts.
+            batch_size: ``B`` of the mean in the update (default: ``len(task_ids)``).
+            preconditioner: optional diagonal scaling of the task gradients (Adam's update direction).
+        """
+        grads = torch.as_tensor(task_gradients)
+        if grads.dim() != 2:
+            raise ValueError(f"task_gradients must be [B, p], got shape {tuple(grads.shape)}.")
+        positions = self._positions(task_ids)
+        if positions.numel() != grads.shape[0]:
+            raise ValueError(
+                f"{positions.numel()} task ids but {grads.shape[0]} gradient rows: give one id per row."
+            )
+        if learning_rate < 0 or not torch.isfinite(torch.tensor(float(learning_rate))):
+            raise ValueError(f"learning_rate must be finite and >= 0, got {learning_rate}.")
+        batch = grads.shape[0] if batch_size is None else int(batch_size)
+        if batch < 1:
+            raise ValueError(f"batch_size must be positive, got {batch}.")
+        grads64 = grads.detach().to(torch.float64).cpu()
+        direction = grads64
+        if preconditioner is not None:
+            pre = torch.as_tensor(preconditioner).detach().to(torch.float64).cpu().reshape(-1)
+            if pre.numel() != grads.shape[1]:
+                raise ValueError(
+                    f"preconditioner has {pre.numel()} entries, gradients have {grads.shape[1]} columns."
+                )
+            direction = grads64 * pre
+        self._self.index_add_(0, positions, learning_rate * (grads64 * direction).sum(1))
+        self._counts.index_add_(0, positions, torch.ones_like(positions))
+        self.steps += 1
+        self.last_step = int(step)
+        if reference_gradient is None:
+            return None
+        ref = torch.as_tensor(reference_gradient).detach().to(torch.float64).cpu().reshape(-1)
+        if ref.numel() != grads.shape[1]:
+            raise ValueError(
+                f"reference_gradient has {ref.numel()} entries, task gradients have {grads.shape[1]}: "
+                "project both with the same projection."
+            )
+        contributions = (learning_rate / batch) * (direction @ ref)
+        self._scores.index_add_(0, positions, contributions)
+        return contributions
+
+    def scores(self) -> Any:
+        """The accumulated scores as an :class:`~lightning_metaif.influence.estimators.InfluenceResult`."""
+        from lightning_metaif.influence.estimators import InfluenceResult
+
+        ids = torch.tensor(list(self._index), dtype=torch.long)
+        return InfluenceResult(
+            task_ids=ids,
+            scores=self._scores.clone(),
+            self_influence=self._self.clone(),
+            estimator="tracin_trajectory",
+            diagnostics={"steps": self.steps, "last_step": self.last_step, "counts": self._counts.clone()},
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "task_ids": torch.tensor(list(self._index), dtype=torch.long),
+            "scores": self._scores.clone(),
+            "self_influence": self._self.clone(),
+            "counts": self._counts.clone(),
+            "steps": self.steps,
+            "last_step": self.last_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._index = {int(k): i for i, k in enumerate(state["task_ids"].tolist())}
+        self._scores = state["scores"].clone().to(torch.float64)
+        self._self = state["self_influence"].clone().to(torch.float64)
+        self._counts = state["counts"].clone().to(torch.long)
+        self.steps = int(state["steps"])
+        self.last_step = state["last_step"]

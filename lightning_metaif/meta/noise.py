@@ -114,19 +114,19 @@ def _derangement(keys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     positions end up changed (``new[j] != keys[i]`` and ``keys[j] != keys[i]``). For balanced labels with at
     least two classes such a ``j`` always exists, so no fixed point remains.
     """
-    key = keys.tolist()
-    n = len(key)
-    perm = rng.permutation(n).tolist()
-    for i in range(n):
-        k = key[i]
-        if key[perm[i]] != k:
+    perm = rng.permutation(keys.shape[0])
+    new = keys[perm]
+    for i in np.flatnonzero(new == keys).tolist():
+        k = keys[i]
+        if new[i] != k:  # already repaired by an earlier swap
             continue
-        candidates = [j for j in range(n) if key[perm[j]] != k and key[j] != k]
-        if not candidates:
+        candidates = np.flatnonzero((new != k) & (keys != k))
+        if candidates.size == 0:
             continue
-        j = candidates[int(rng.integers(len(candidates)))]
+        j = int(candidates[rng.integers(candidates.size)])
         perm[i], perm[j] = perm[j], perm[i]
-    return np.asarray(perm, dtype=np.int64)
+        new[i], new[j] = new[j], new[i]
+    return perm
 
 
 class CorruptedTaskPool(TaskPool):

@@ -415,7 +415,7 @@ def omniglot_splits(
     if not sets:
         raise FileNotFoundError(
             f"Omniglot not found under '{root_path}'. Expected {_OMNIGLOT_LAYOUT.format(root=root_path)}. "
-            "lightning_metaif downloads nothing: download and unzip the data yourself and pass its folder as root."
+            "Nothing is downloaded by lightning_metaif: download and unzip the data yourself and pass its folder as root."
         )
     characters: list[tuple[str, list[Path]]] = []
     for set_dir in sets:
@@ -541,7 +541,7 @@ def mini_imagenet_splits(
     else:
         raise FileNotFoundError(
             f"mini-ImageNet not found under '{root_path}'. Expected {layout}. "
-            "lightning_metaif downloads nothing: obtain the data yourself and pass its folder as root."
+            "Nothing is downloaded by lightning_metaif: obtain the data yourself and pass its folder as root."
         )
     wnids = sorted({wnid for entries in per_split.values() for _, wnid in entries})
     index = {w: i for i, w in enumerate(wnids)}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -125,6 +126,21 @@ class OfflineRun:
             raise ValueError(f"history entry {key!r} is not a table file reference: {ref!r}")
         return json.loads((self.directory / "files" / ref["path"]).read_text())
 
+    def artifact_table(self, key: str, index: int = -1) -> tuple[dict[str, Any], dict[str, str]]:
+        """The typed copy of a logged table from its ``run_table`` artifact: ``(table_json, files)``.
+
+        W&B 0.31 logs every ``wandb.Table`` twice: ``files/media/table/...`` (first 10,000 rows, media cells
+        written as the bare class name, e.g. ``"Image"``) and a ``run_table`` artifact (up to 200,000 rows,
+        media cells as ``{"_type": "image-file", "path": "media/images/..."}``). ``files`` maps each artifact
+        path to the staged local file (under ``WANDB_DATA_DIR``).
+        """
+        name = f"{key}.table.json"
+        found = [a for a in self.artifacts if a["type"] == "run_table" and name in a["files"]]
+        if not found:
+            raise KeyError(f"no run_table artifact holds {name!r}")
+        files = found[index]["files"]
+        return json.loads(Path(files[name]).read_text()), files
+
     def artifact(self, type: str) -> dict[str, Any]:
         """The last artifact of ``type`` (name, type, metadata, files: {path: local_path})."""
         found = [a for a in self.artifacts if a["type"] == type]
@@ -138,8 +154,31 @@ def find_run_dirs(save_dir: str | Path) -> list[Path]:
     return sorted(Path(save_dir).rglob("offline-run-*"))
 
 
-def read_run(run_dir: str | Path) -> OfflineRun:
-    """Parse the ``.wandb`` file of one offline run folder (or of the only run under a save dir)."""
+def _complete_records(wandb_file: Path, timeout: float) -> list[Any]:
+    # wandb.finish() can return before the W&B core process has flushed the offline file (seen with 0.31: the
+    # file stood at exactly one 32 KiB block right after finish and grew a moment later), so wait for the
+    # run's ``exit`` record before trusting the contents.
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = list(iter_records(wandb_file))
+            if any(r.WhichOneof("record_type") == "exit" for r in records):
+                return records
+            problem = "no exit record yet"
+        except ValueError as err:  # a chunk being written right now
+            problem = str(err)
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{wandb_file} still incomplete after {timeout:.0f} s ({problem}): call wandb.finish() before reading"
+            )
+        time.sleep(0.05)
+
+
+def read_run(run_dir: str | Path, *, timeout: float = 30.0) -> OfflineRun:
+    """Parse the ``.wandb`` file of one offline run folder (or of the only run under a save dir).
+
+    Waits up to ``timeout`` seconds for the run's ``exit`` record (the file is written by a separate process).
+    """
     run_dir = Path(run_dir)
     if not list(run_dir.glob("run-*.wandb")):
         dirs = find_run_dirs(run_dir)
@@ -148,7 +187,7 @@ def read_run(run_dir: str | Path) -> OfflineRun:
         run_dir = dirs[0]
     (wandb_file,) = run_dir.glob("run-*.wandb")
     run = OfflineRun(directory=run_dir)
-    for record in iter_records(wandb_file):
+    for record in _complete_records(wandb_file, timeout):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             row: dict[str, Any] = {}

@@ -327,9 +327,12 @@ class WandbDashboard:
         rows = sorted(rows, key=lambda s: s.score)[: self.max_samples]
         with_images = any(_is_image(s.image) for s in rows)
         columns = ["task_id", "split", "index", "score", "label"] + (["image"] if with_images else [])
+        labels = [s.label for s in rows]
+        if not all(lab is None or isinstance(lab, int) for lab in labels):  # one column type: int or float
+            labels = [None if lab is None else float(lab) for lab in labels]
         data = []
-        for s in rows:
-            row: list[Any] = [s.task_id, s.split, s.index, s.score, s.label]
+        for s, label in zip(rows, labels):
+            row: list[Any] = [s.task_id, s.split, s.index, s.score, label]
             if with_images:
                 row.append(
                     wandb.Image(image_to_array(s.image), caption=f"task {s.task_id} {s.split}[{s.index}]")
@@ -337,5 +340,7 @@ class WandbDashboard:
                     else None
                 )
             data.append(row)
-        table = wandb.Table(columns=columns, data=data, allow_mixed_types=True)
+        # no allow_mixed_types here: with an untyped column W&B 0.31 serialises wandb.Image cells as the
+        # string "Image" instead of writing the image files
+        table = wandb.Table(columns=columns, data=data)
         return {self._key("harmful_samples"): table}

@@ -1,0 +1,691 @@
+"""``MetaInfluence``: trace meta-training, score every task, log it, and act on it."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from lightning_metaif.actions.pruning import PruningPolicy
+from lightning_metaif.actions.sampler import TaskSampler
+from lightning_metaif.actions.state import TaskState
+from lightning_metaif.actions.weighting import TaskWeighting
+from lightning_metaif.dashboards.round import Decision, ScoreRound
+from lightning_metaif.influence.gradients import per_task_gradients, reference_gradient
+from lightning_metaif.influence.hessian import TotalHessian
+from lightning_metaif.influence.problem import ParamLayout, Params, trainable
+from lightning_metaif.influence.projection import RandomProjection
+from lightning_metaif.influence.solvers import SOLVERS, SolverError, solve
+from lightning_metaif.influence.store import GradientStore
+from lightning_metaif.influence.tasks import TaskBatch
+
+Mode = Literal["trajectory", "checkpoints", "task_if", "ensemble"]
+MODES: tuple[str, ...] = ("trajectory", "checkpoints", "task_if", "ensemble")
+PROJECTION_CACHE_ELEMENTS = 1 << 25  # keep P in memory up to 128 MB (float32); larger ones are regenerated
+STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+class MetaInfluence(Callback):
+    r"""Score every training task of a meta-learning run while it trains, log the scores, and act on them.
+
+    A score is the first-order predicted *increase* of the reference loss (by default the mean query loss of
+    the validation tasks, adapted from the current meta-parameters) if the task were removed: positive = the
+    task helps, negative = it harms. The module must implement ``task_loss(params, task, support_weights=None,
+    query_weights=None)`` (as :class:`~lightning_metaif.MAML` does) and the training batches must carry task ids
+    (a :class:`~lightning_metaif.TaskBatch`).
+
+    Modes:
+
+    * ``"trajectory"`` (TracIn along the real path): each optimizer step, the per-task meta-gradients of the
+      batch (taken from the module's ``last_task_gradients`` when it exposes them, recomputed otherwise) are
+      projected and stored with the step's learning rate; each scoring round adds
+      ``(η_t / B) ⟨P∇f(λ), P g_k(λ_t)⟩`` for the steps since the previous round, with ``∇f`` taken at the round
+      (an approximation of ``∇f(λ_t)`` that costs one reference gradient per round instead of per step).
+    * ``"checkpoints"`` (TracInCP): every round scores the pool at the current parameters and adds
+      ``η ⟨P∇f, P g_k⟩`` to each task's running sum; the projected gradients are stored as a checkpoint.
+    * ``"task_if"``: Ren et al.'s task influence at the current parameters: ``(1/M) g_kᵀ (H + δI)^{-1} ∇f`` with
+      the exact total Hessian over the pool (``solver``, ``damping``, ``l2``).
+    * ``"ensemble"`` (Yang et al.): inner-product influence averaged over the current parameters and
+      ``ensemble_copies`` Gaussian-perturbed copies, then over rounds (checkpoints).
+
+    Args:
+        mode: one of ``"trajectory"``, ``"checkpoints"``, ``"task_if"``, ``"ensemble"``.
+        reference: reference tasks (a ``TaskBatch``, a task pool or a sequence of tasks); default: the
+            datamodule's ``val_pool``.
+        utility: a differentiable ``params -> scalar`` to use as the reference objective instead of tasks.
+        pool: the training task pool to score; default: the datamodule's ``train_pool`` or the train
+            dataloader's dataset (it must have ``task_ids`` and ``batch(positions)``).
+        every_n_epochs / every_n_steps: when to run a scoring round (exactly one of them).
+        max_tasks_per_round: score a seeded random sample of the pool per round (periodic modes).
+        projection_dim: dimension of the random projection of stored gradients (``None``: no projection).
+        projection_kind: ``"rademacher"`` or ``"gaussian"``.
+        store_dtype: ``"float16"`` or ``"float32"`` for the on-disk gradient store.
+        store_dir: where the gradient store and score files go; default ``<trainer.log_dir>/metaif``.
+        solver, damping, l2, solver_options: inverse-HVP settings of ``"task_if"``.
+        on_solver_error: ``"warn"`` (default): a failed solve (negative curvature, divergence) warns with the
+            remedy and the round's scores are NaN, so nothing is pruned or re-weighted; ``"raise"`` stops
+            training with the :class:`~lightning_metaif.influence.solvers.SolverError`.
+        ensemble_copies, ensemble_std: perturbed copies for ``"ensemble"``.
+        weighting: a :class:`~lightning_metaif.TaskWeighting` to down-weight harmful tasks (``None``: off).
+        pruning: a :class:`~lightning_metaif.PruningPolicy` to prune tasks (``None``: off); needs the train
+            loader to sample with a :class:`~lightning_metaif.TaskSampler`.
+        corrupted_task_ids: known-corrupted ids (demos, benchmarks): adds detection AUROC and recall@k.
+        sample_top_k: score the samples of the ``k`` most harmful tasks each round (instance influence) and log
+            the most harmful samples (with images when inputs are images); ``0`` turns it off.
+        seed: seed of the projection, the task sampling and the ensemble noise.
+        chunk_size: tasks per vmapped gradient call.
+        verbose: print one summary line per round.
+
+    After each round, :attr:`result` is a :class:`~lightning_metaif.dashboards.ScoreRound` with ``task_ids``,
+    ``scores``, ``weights`` and the ``pruned`` mask, aligned.
+
+    Example::
+
+        from lightning_metaif import MAML, MetaInfluence, PruningPolicy
+        influence = MetaInfluence(mode="trajectory", pruning=PruningPolicy(fraction=0.2))
+        trainer = pl.Trainer(max_epochs=10, callbacks=[influence])
+        trainer.fit(MAML(backbone), datamodule=MetaDataModule(train, val, task_state=influence.task_state))
+        influence.result.scores
+    """
+
+    def __init__(
+        self,
+        mode: Mode = "trajectory",
+        *,
+        reference: Any = None,
+        utility: Callable[[Params], Tensor] | None = None,
+        pool: Any = None,
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        max_tasks_per_round: int | None = None,
+        projection_dim: int | None = 1024,
+        projection_kind: str = "rademacher",
+        store_dtype: str = "float16",
+        store_dir: str | os.PathLike[str] | None = None,
+        solver: str = "cg",
+        damping: float = 1e-3,
+        l2: float = 0.0,
+        solver_options: Mapping[str, Any] | None = None,
+        on_solver_error: str = "warn",
+        ensemble_copies: int = 4,
+        ensemble_std: float = 0.01,
+        weighting: TaskWeighting | None = None,
+        pruning: PruningPolicy | None = None,
+        corrupted_task_ids: Iterable[int] | Tensor | None = None,
+        sample_top_k: int = 0,
+        seed: int = 0,
+        chunk_size: int = 16,
+        verbose: bool = True,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        if (every_n_epochs is None) == (every_n_steps is None):
+            raise ValueError("Give exactly one of every_n_epochs (e.g. 1) and every_n_steps (e.g. 50).")
+        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if max_tasks_per_round is not None and max_tasks_per_round < 1:
+            raise ValueError(f"max_tasks_per_round must be >= 1 or None, got {max_tasks_per_round}.")
+        if projection_dim is not None and projection_dim < 1:
+            raise ValueError(f"projection_dim must be a positive integer or None, got {projection_dim}.")
+        if projection_kind not in ("rademacher", "gaussian"):
+            raise ValueError(f"projection_kind must be 'rademacher' or 'gaussian', got {projection_kind!r}.")
+        if store_dtype not in STORE_DTYPES:
+            raise ValueError(f"store_dtype must be one of {tuple(STORE_DTYPES)}, got {store_dtype!r}.")
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}.")
+        if on_solver_error not in ("warn", "raise"):
+            raise ValueError(f"on_solver_error must be 'warn' or 'raise', got {on_solver_error!r}.")
+        if damping < 0 or l2 < 0:
+            raise ValueError(f"damping and l2 must be >= 0, got damping={damping}, l2={l2}.")
+        if ensemble_copies < 0 or ensemble_std < 0:
+            raise ValueError("ensemble_copies and ensemble_std must be >= 0.")
+        if reference is not None and utility is not None:
+            raise ValueError("Pass `reference` (tasks) or `utility` (a function of params), not both.")
+        if weighting is not None and not isinstance(weighting, TaskWeighting):
+            raise ValueError(f"weighting must be a TaskWeighting or None, got {type(weighting).__name__}.")
+        if pruning is not None and not isinstance(pruning, PruningPolicy):
+            raise ValueError(f"pruning must be a PruningPolicy or None, got {type(pruning).__name__}.")
+        if sample_top_k < 0 or chunk_size < 1:
+            raise ValueError("sample_top_k must be >= 0 and chunk_size >= 1.")
+        self.mode = mode
+        self.reference, self.utility, self.pool = reference, utility, pool
+        self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
+        self.max_tasks_per_round = max_tasks_per_round
+        self.projection_dim, self.projection_kind = projection_dim, projection_kind
+        self.store_dtype, self.store_dir = store_dtype, store_dir
+        self.solver, self.damping, self.l2 = solver, float(damping), float(l2)
+        self.solver_options = dict(solver_options or {})
+        self.on_solver_error = on_solver_error
+        self.ensemble_copies, self.ensemble_std = ensemble_copies, float(ensemble_std)
+        self.weighting, self.pruning = weighting, pruning
+        self.corrupted_task_ids = (
+            None
+            if corrupted_task_ids is None
+            else {int(i) for i in torch.as_tensor(list(corrupted_task_ids)).tolist()}
+        )
+        self.sample_top_k, self.seed, self.chunk_size, self.verbose = sample_top_k, seed, chunk_size, verbose
+
+        self.task_state = TaskState()
+        self.result: ScoreRound | None = None
+        self.history: list[dict[str, float]] = []
+        self.decisions: list[Decision] = []
+        self.rounds = 0
+        self.timings: dict[str, float] = {"trace_seconds": 0.0, "round_seconds": 0.0}
+        self._cumulative: Tensor | None = None
+        self._members = 0
+        self._pool_ids: Tensor | None = None
+        self._trace: list[tuple[int, float, Tensor, Tensor]] = []
+        self._batch: Any = None
+        self._store: GradientStore | None = None
+        self._projection: RandomProjection | None = None
+        self._layout: ParamLayout | None = None
+        self._root: Path | None = None
+        self._writer: Any = None
+        self._dashboards: dict[int, Any] = {}
+        self._reference_tasks: Any = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(mode=self.mode, projection_dim=self.projection_dim, seed=self.seed)
+
+    # ------------------------------------------------------------------ set-up ------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not callable(getattr(pl_module, "task_loss", None)):
+            raise ValueError(
+                f"{type(pl_module).__name__} has no `task_loss(params, task, support_weights=None, "
+                "query_weights=None)`. MetaInfluence differentiates through it: implement it on your module "
+                "(adapt on the support set, return the query loss) or use `lightning_metaif.MAML`."
+            )
+        log_dir = trainer.log_dir  # read on every rank: it can hang otherwise under DDP
+        root = (
+            Path(self.store_dir)
+            if self.store_dir is not None
+            else Path(log_dir or trainer.default_root_dir) / "metaif"
+        )
+        self._root = root
+        pl_module.task_weight_table = self.task_state
+        if self.utility is None:
+            self._reference_tasks = self._resolve_reference(trainer)
+
+    def _resolve_reference(self, trainer: pl.Trainer) -> Any:
+        reference = self.reference
+        if reference is None:
+            datamodule = getattr(trainer, "datamodule", None)
+            reference = getattr(datamodule, "val_pool", None)
+        if reference is None:
+            raise ValueError(
+                "MetaInfluence has no reference set: pass `reference=` (held-out tasks: a TaskBatch, a task pool "
+                "or a list of tasks) or `utility=` (a differentiable function of the meta-parameters), or give "
+                "the datamodule a `val_pool` attribute (MetaDataModule does)."
+            )
+        return _as_tasks(reference, "reference")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pool = self.pool
+        if pool is None:
+            pool = getattr(getattr(trainer, "datamodule", None), "train_pool", None)
+        if pool is None:
+            pool = getattr(trainer.train_dataloader, "dataset", None)
+        if pool is None or not hasattr(pool, "task_ids") or not callable(getattr(pool, "batch", None)):
+            raise ValueError(
+                "MetaInfluence needs the training task pool (an object with `task_ids` and `batch(positions)`, "
+                "e.g. lightning_metaif.meta.ClassificationTaskPool): pass `pool=` or train on a MetaDataModule."
+            )
+        self.pool = pool
+        pool_ids = torch.as_tensor(pool.task_ids).long().cpu()
+        if self._pool_ids is not None and not torch.equal(self._pool_ids, pool_ids):
+            raise ValueError(
+                "The training pool differs from the one in the restored callback state (task ids differ)."
+            )
+        self._pool_ids = pool_ids
+        self._position_of = {int(t): i for i, t in enumerate(pool_ids.tolist())}
+        sampler = _find_task_sampler(trainer.train_dataloader)
+        if sampler is not None:
+            sampler.state = self.task_state
+        elif self.pruning is not None:
+            raise ValueError(
+                "Pruning needs the training DataLoader to draw tasks with `lightning_metaif.TaskSampler` (a "
+                "DistributedSampler subclass the callback controls): use MetaDataModule(..., task_state="
+                "influence.task_state) or DataLoader(pool, sampler=TaskSampler(pool, state=influence.task_state))."
+            )
+        params = self._params(pl_module)
+        self._layout = ParamLayout.of(params)
+        if self.projection_dim is not None:
+            self._projection = RandomProjection(
+                self._layout.numel,
+                self.projection_dim,
+                seed=self.seed,
+                kind=self.projection_kind,
+                cache_elements=PROJECTION_CACHE_ELEMENTS,
+            )
+        dim = self.projection_dim or self._layout.numel
+        rank_dir = self._root / "store" / f"rank{trainer.global_rank}"
+        self._store = GradientStore(
+            rank_dir,
+            dim,
+            dtype=STORE_DTYPES[self.store_dtype],
+            projection=None if self._projection is None else self._projection.state_dict(),
+        )
+        if trainer.is_global_zero:
+            from lightning_metaif.dashboards.files import RoundFileWriter
+
+            self._writer = RoundFileWriter(self._root)
+
+    # ------------------------------------------------------------------ tracing ------------------------------
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.mode == "trajectory":
+            _task_ids_of_batch(batch)
+            self._batch = batch
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.mode != "trajectory" or self._batch is None or not _is_first_optimizer(trainer, optimizer):
+            return
+        start = time.perf_counter()
+        batch, self._batch = self._batch, None
+        task_ids = _task_ids_of_batch(batch)
+        grads = getattr(pl_module, "last_task_gradients", None)
+        exposed_ids = getattr(pl_module, "last_task_ids", None)
+        if (
+            grads is None
+            or exposed_ids is None
+            or not torch.equal(torch.as_tensor(exposed_ids).cpu(), task_ids)
+        ):
+            grads, _ = per_task_gradients(
+                pl_module, self._params(pl_module), batch, chunk_size=self.chunk_size
+            )
+        grads = grads.detach()
+        preconditioner = _adam_preconditioner(optimizer, self._layout, self._raw_params(pl_module))
+        if preconditioner is not None:
+            grads = grads * preconditioner.to(grads)
+        rows = self._project(grads)
+        learning_rate = float(optimizer.param_groups[0]["lr"])
+        coefficient = learning_rate / (len(task_ids) * trainer.world_size)
+        self._trace.append((trainer.global_step, coefficient, task_ids, rows.to(torch.float32)))
+        self.timings["trace_seconds"] += time.perf_counter() - start
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if (
+            self.every_n_steps is not None
+            and trainer.global_step > 0
+            and trainer.global_step % self.every_n_steps == 0
+        ):
+            self._run_round(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._run_round(trainer, pl_module)
+
+    # ------------------------------------------------------------------ scoring ------------------------------
+
+    @staticmethod
+    def _raw_params(pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        getter = getattr(pl_module, "meta_parameters", None)
+        return dict(getter()) if callable(getter) else dict(pl_module.named_parameters())
+
+    def _params(self, pl_module: pl.LightningModule) -> Params:
+        return trainable(self._raw_params(pl_module))
+
+    def _project(self, grads: Tensor) -> Tensor:
+        return grads if self._projection is None else self._projection(grads)
+
+    def _reference(self, pl_module: pl.LightningModule, params: Params) -> Tensor:
+        grad, _ = reference_gradient(
+            pl_module, params, self._reference_tasks, utility=self.utility, chunk_size=self.chunk_size
+        )
+        return grad
+
+    def _round_positions(self, trainer: pl.Trainer) -> Tensor:
+        num_tasks = len(self._pool_ids)
+        if self.max_tasks_per_round is None or self.max_tasks_per_round >= num_tasks:
+            return torch.arange(num_tasks)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rounds)
+        return torch.randperm(num_tasks, generator=generator)[: self.max_tasks_per_round].sort().values
+
+    def _run_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        start = time.perf_counter()
+        self.rounds += 1
+        params = self._params(pl_module)
+        num_tasks = len(self._pool_ids)
+        with torch.enable_grad():
+            if self.mode == "trajectory":
+                round_scores, self_influence, scored = self._trajectory_round(trainer, pl_module, params)
+            else:
+                round_scores, self_influence, scored = self._periodic_round(trainer, pl_module, params)
+        round_scores = _sum_over_ranks(trainer, round_scores)
+        self_influence = _sum_over_ranks(trainer, self_influence)
+        scored = _sum_over_ranks(trainer, scored.double()) > 0
+        if self._cumulative is None:
+            self._cumulative = torch.zeros(num_tasks, dtype=torch.float64)
+        if self.mode == "ensemble":
+            self._members += 1
+            self._cumulative += (round_scores - self._cumulative) / self._members
+        elif self.mode == "task_if":
+            self._cumulative = torch.where(scored, round_scores, self._cumulative)
+        else:
+            self._cumulative += round_scores
+        scores = self._cumulative.clone()
+        decisions = self._decide(trainer, scores, scored) if trainer.is_global_zero else None
+        decisions = trainer.strategy.broadcast(decisions, src=0)
+        for decision in decisions:
+            if decision["action"] == "prune":
+                self.task_state.prune(decision["task_ids"])
+            elif decision["action"] == "weight":
+                self.task_state.set_weights(decision["task_ids"], decision["weights"])
+        elapsed = time.perf_counter() - start
+        self.timings["round_seconds"] += elapsed
+        self.result = self._make_round(trainer, scores, self_influence, decisions, elapsed)
+        if trainer.is_global_zero:
+            self._publish(trainer, pl_module, self.result)
+
+    def _trajectory_round(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: Params
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        num_tasks = len(self._pool_ids)
+        scores = torch.zeros(num_tasks, dtype=torch.float64)
+        self_influence = torch.zeros(num_tasks, dtype=torch.float64)
+        scored = torch.zeros(num_tasks, dtype=torch.bool)
+        if self._trace:
+            reference = self._project(self._reference(pl_module, params)[None])[0].to(torch.float32)
+            for step, coefficient, task_ids, rows in self._trace:
+                positions = torch.tensor([self._position_of[int(t)] for t in task_ids.tolist()])
+                scores.index_add_(0, positions, (coefficient * (rows @ reference)).double())
+                self_influence.index_add_(0, positions, (coefficient * (rows * rows).sum(1)).double())
+                scored[positions] = True
+                self._store.append_step(step, coefficient, task_ids, rows)
+            self._store.flush()
+            self._trace.clear()
+        return scores, self_influence, scored
+
+    def _periodic_round(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: Params
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        num_tasks = len(self._pool_ids)
+        positions = self._round_positions(trainer)
+        mine = positions[trainer.global_rank :: trainer.world_size]
+        scores = torch.zeros(num_tasks, dtype=torch.float64)
+        self_influence = torch.zeros(num_tasks, dtype=torch.float64)
+        scored = torch.zeros(num_tasks, dtype=torch.bool)
+        scored[positions] = True
+        if len(mine) == 0:
+            return scores, self_influence, scored
+        tasks = self.pool.batch(mine)
+        if self.mode == "task_if":
+            hessian_tasks = self.pool.batch(positions)
+            operator = TotalHessian(pl_module, params, hessian_tasks, l2=self.l2, chunk_size=self.chunk_size)
+            grads, _ = per_task_gradients(pl_module, params, tasks, chunk_size=self.chunk_size)
+            self_influence[mine] = (grads * grads).sum(1).double()
+            try:
+                result = solve(
+                    operator,
+                    self._reference(pl_module, params),
+                    method=self.solver,
+                    damping=self.damping,
+                    **self.solver_options,
+                )
+            except SolverError as error:
+                if self.on_solver_error == "raise":
+                    raise
+                rank_zero_warn(
+                    f"MetaInfluence round {self.rounds}: task-IF solve failed, scores are NaN: {error}"
+                )
+                scores[mine] = float("nan")
+                return scores, self_influence, scored
+            scores[mine] = (grads @ result.solution).double() / num_tasks
+        elif self.mode == "checkpoints":
+            learning_rate = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else 1.0
+            rows, _ = per_task_gradients(
+                pl_module, params, tasks, chunk_size=self.chunk_size, transform=self._project
+            )
+            reference = self._project(self._reference(pl_module, params)[None])[0]
+            scores[mine] = (learning_rate * (rows @ reference)).double()
+            self_influence[mine] = (learning_rate * (rows * rows).sum(1)).double()
+            self._store.write_checkpoint(trainer.global_step, learning_rate, self._pool_ids[mine], rows)
+        else:  # ensemble
+            generator = torch.Generator().manual_seed(self.seed * 7919 + self.rounds)
+            members = [params] + [
+                {
+                    k: v + self.ensemble_std * torch.randn(v.shape, generator=generator).to(v)
+                    for k, v in params.items()
+                }
+                for _ in range(self.ensemble_copies)
+            ]
+            for member in members:
+                member = trainable(member)
+                rows, _ = per_task_gradients(
+                    pl_module, member, tasks, chunk_size=self.chunk_size, transform=self._project
+                )
+                reference = self._project(self._reference(pl_module, member)[None])[0]
+                scores[mine] += (rows @ reference).double() / len(members)
+                self_influence[mine] += (rows * rows).sum(1).double() / len(members)
+        return scores, self_influence, scored
+
+    # ------------------------------------------------------------------ acting ------------------------------
+
+    def _decide(self, trainer: pl.Trainer, scores: Tensor, scored: Tensor) -> list[dict[str, Any]]:
+        step, epoch = trainer.global_step, trainer.current_epoch
+        decisions: list[dict[str, Any]] = []
+        ids = self._pool_ids[scored]
+        round_scores = scores[scored]
+        if self.weighting is not None:
+            previous = self.task_state.weights_for(ids)
+            weights = self.weighting(round_scores.float(), previous)
+            decisions.append(
+                {
+                    "action": "weight",
+                    "task_ids": ids.tolist(),
+                    "weights": weights.tolist(),
+                    "reason": f"TaskWeighting(strength={self.weighting.strength}, min_weight={self.weighting.min_weight})",
+                }
+            )
+        if self.pruning is not None:
+            decision = self.pruning.decide(
+                ids,
+                round_scores,
+                set(self.task_state.pruned),
+                round_index=self.rounds,
+                pool_size=len(self._pool_ids),
+                step=step,
+                epoch=epoch,
+            )
+            decisions.append(
+                {"action": decision.action, "task_ids": decision.task_ids, "reason": decision.reason}
+            )
+        return decisions
+
+    def _make_round(
+        self,
+        trainer: pl.Trainer,
+        scores: Tensor,
+        self_influence: Tensor,
+        decisions: list[dict],
+        seconds: float,
+    ) -> ScoreRound:
+        ids = self._pool_ids
+        records = [
+            Decision(trainer.global_step, trainer.current_epoch, d["action"], d["task_ids"], d["reason"])
+            for d in decisions
+        ]
+        self.decisions.extend(records)
+        classes = None
+        if hasattr(self.pool, "task_classes") and len(ids) <= 100_000:
+            try:
+                classes = [list(self.pool.task_classes(int(t))) for t in ids.tolist()]
+            except (NotImplementedError, TypeError, ValueError):
+                classes = None
+        corrupted = None
+        if self.corrupted_task_ids is not None:
+            corrupted = torch.tensor([int(t) in self.corrupted_task_ids for t in ids.tolist()])
+        return ScoreRound(
+            step=trainer.global_step,
+            epoch=trainer.current_epoch,
+            estimator=self.mode,
+            task_ids=ids,
+            scores=scores,
+            self_influence=self_influence,
+            weights=self.task_state.weights_for(ids),
+            pruned=torch.tensor([self.task_state.is_pruned(t) for t in ids.tolist()]),
+            decisions=records,
+            classes=classes,
+            corrupted=corrupted,
+            seconds=seconds,
+        )
+
+    def _publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round_: ScoreRound) -> None:
+        from lightning_metaif.dashboards.metrics import round_metrics
+
+        metrics = round_metrics(round_)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            dashboard = self._dashboard_for(logger)
+            if dashboard is not None:
+                dashboard.log_round(round_, self.history, metrics=metrics)
+        self.history.append(metrics)
+        if self._writer is not None:
+            self._writer.write(round_, metrics)
+        if self.verbose:
+            pruned_now = sum(len(d.task_ids) for d in round_.decisions if d.action == "prune")
+            line = (
+                f"[metaif] round {self.rounds} ({self.mode}) step {round_.step}: "
+                f"{metrics.get('influence/fraction_harmful', float('nan')):.0%} harmful, "
+                f"{pruned_now} pruned now, {int(round_.pruned.sum())} in total, {round_.seconds:.2f}s"
+            )
+            if "influence/auroc" in metrics:
+                line += f", detection AUROC {metrics['influence/auroc']:.3f}"
+            rank_zero_info(line)
+
+    def _dashboard_for(self, logger: Any) -> Any:
+        try:
+            from lightning.pytorch.loggers import WandbLogger
+        except ImportError:  # pragma: no cover
+            return None
+        if not isinstance(logger, WandbLogger):
+            return None
+        if id(logger) not in self._dashboards:
+            from lightning_metaif.dashboards.wandb_dashboard import WandbDashboard
+
+            self._dashboards[id(logger)] = WandbDashboard(logger)
+        return self._dashboards[id(logger)]
+
+    # ------------------------------------------------------------------ state ------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "task_state": self.task_state.state_dict(),
+            "rounds": self.rounds,
+            "members": self._members,
+            "cumulative": None if self._cumulative is None else self._cumulative.clone(),
+            "pool_ids": None if self._pool_ids is None else self._pool_ids.clone(),
+            "store": None if self._store is None else self._store.state_dict(),
+            "store_root": None if self._root is None else str(self._root),
+            "history": [dict(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.task_state.load_state_dict(state_dict["task_state"])
+        self.rounds = int(state_dict["rounds"])
+        self._members = int(state_dict.get("members", 0))
+        self._cumulative = state_dict["cumulative"]
+        self._pool_ids = state_dict["pool_ids"]
+        if state_dict.get("store_root") and self.store_dir is None:
+            self.store_dir = state_dict["store_root"]
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+
+
+# ---------------------------------------------------------------------- helpers ------------------------------
+
+
+def _as_tasks(value: Any, name: str) -> Any:
+    if isinstance(value, TaskBatch):
+        return value
+    if callable(getattr(value, "batch", None)) and hasattr(value, "task_ids"):
+        return value.batch()
+    if isinstance(value, Sequence) and len(value) > 0:
+        return list(value)
+    raise ValueError(
+        f"`{name}` must be a TaskBatch, a task pool or a non-empty sequence of tasks; got {type(value).__name__}."
+    )
+
+
+def _task_ids_of_batch(batch: Any) -> Tensor:
+    ids = getattr(batch, "task_ids", None)
+    if ids is None and isinstance(batch, Mapping):
+        ids = batch.get("task_ids")
+    if ids is None:
+        raise ValueError(
+            f"The training batch ({type(batch).__name__}) carries no task ids. MetaInfluence needs them to know "
+            "which task each gradient belongs to: yield `lightning_metaif.TaskBatch` batches (collate with "
+            "`lightning_metaif.meta.collate_tasks`)."
+        )
+    return torch.as_tensor(ids).long().cpu()
+
+
+def _is_first_optimizer(trainer: pl.Trainer, optimizer: Any) -> bool:
+    if not trainer.optimizers:
+        return True
+    first = trainer.optimizers[0]
+    return optimizer is first or getattr(optimizer, "optimizer", None) is first
+
+
+def _find_task_sampler(loader: Any) -> TaskSampler | None:
+    for candidate in (
+        getattr(loader, "sampler", None),
+        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+    ):
+        if isinstance(candidate, TaskSampler):
+            return candidate
+    return None
+
+
+def _adam_preconditioner(
+    optimizer: Any, layout: ParamLayout | None, raw_params: Mapping[str, Tensor]
+) -> Tensor | None:
+    """``1 / (sqrt(v̂_t) + ε)`` that an Adam-family optimizer is about to apply, flat in ``layout`` order.
+
+    Called just before ``optimizer.step()``: ``v_t = β₂ v_{t−1} + (1 − β₂) ḡ²`` with the batch gradient ``ḡ``
+    already in ``.grad``, bias-corrected, exactly as the step will compute it (LESS, Xia et al. 2024,
+    preconditions per-example gradients the same way). ``None`` when the optimizer is not Adam/AdamW.
+    """
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    if layout is None or not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return None
+    group = optimizer.param_groups[0]
+    beta2, eps = group["betas"][1], group["eps"]
+    by_name = {}
+    for name in layout.names:
+        param = raw_params[name]
+        state = optimizer.state.get(param) or {}
+        previous = state.get("exp_avg_sq", torch.zeros_like(param))
+        step = float(state.get("step", 0.0)) + 1.0
+        grad = param.grad if param.grad is not None else torch.zeros_like(param)
+        second_moment = beta2 * previous + (1 - beta2) * grad.detach() ** 2
+        by_name[name] = 1.0 / ((second_moment / (1 - beta2**step)).sqrt() + eps)
+    return layout.flatten(by_name)
+
+
+def _sum_over_ranks(trainer: pl.Trainer, values: Tensor) -> Tensor:
+    if trainer.world_size <= 1:
+        return values
+    gathered = trainer.strategy.all_gather(values.to(trainer.strategy.root_device))
+    return gathered.reshape(trainer.world_size, -1).sum(0).cpu().to(values.dtype)
+
+
+__all__ = ["MODES", "MetaInfluence"]

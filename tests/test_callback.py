@@ -1,0 +1,219 @@
+"""The MetaInfluence callback in real Lightning Trainers (CPU, small digits pools)."""
+
+import csv
+import json
+
+import pytest
+import torch
+import wandb
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from metaif_helpers import DumpRankState, RecordSampledIds, digits_setup, seed_all, tiny_maml, trainer
+from wandb_reader import read_run
+
+from lightning_metaif.actions import PruningPolicy, TaskWeighting
+from lightning_metaif.callback import MetaInfluence
+
+
+def test_constructor_validates_arguments():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        MetaInfluence(mode="magic")
+    with pytest.raises(ValueError, match="exactly one of every_n_epochs"):
+        MetaInfluence(every_n_epochs=None)
+    with pytest.raises(ValueError, match="solver must be one of"):
+        MetaInfluence(solver="newton")
+    with pytest.raises(ValueError, match="PruningPolicy"):
+        MetaInfluence(pruning=0.2)
+    with pytest.raises(ValueError, match="not both"):
+        MetaInfluence(reference=[1], utility=lambda p: p)
+
+
+def test_setup_rejects_a_module_without_task_loss(tmp_path):
+    class Plain(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm, _ = digits_setup(corrupt=0)
+    with pytest.raises(ValueError, match="task_loss"):
+        trainer(tmp_path, [MetaInfluence()]).fit(Plain(), datamodule=dm)
+
+
+def test_csv_logger_and_files_and_pruned_ids_never_sampled_again(tmp_path):
+    seed_all(0)
+    influence = MetaInfluence(
+        mode="trajectory",
+        projection_dim=64,
+        pruning=PruningPolicy(fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.2, only_harmful=False),
+        weighting=TaskWeighting(),
+        verbose=False,
+    )
+    dm, corruption = digits_setup(task_state=influence.task_state)
+    recorder = RecordSampledIds()
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer(tmp_path, [influence, recorder], max_epochs=3, logger=logger).fit(tiny_maml(), datamodule=dm)
+
+    result = influence.result
+    assert result is not None and len(result.task_ids) == 40
+    assert torch.isfinite(result.scores).all()
+    pruned = set(influence.task_state.pruned)
+    assert len(pruned) == 8  # 20% of 40, pruned at round 2 (after one warm-up round)
+    assert set(result.task_ids[result.pruned].tolist()) == pruned
+    assert (result.weights[result.pruned] == 0).all()
+    # the epoch after the pruning round draws exactly the kept tasks
+    assert set(recorder.by_epoch[2]) == set(dm.train_pool.task_ids.tolist()) - pruned
+    assert set(recorder.by_epoch[0]) == set(dm.train_pool.task_ids.tolist())
+    # scalars in the CSV logger
+    with open(logger.log_dir + "/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = {k for row in rows for k, v in row.items() if v}
+    assert {
+        "influence/score_median",
+        "influence/fraction_harmful",
+        "influence/num_pruned",
+        "influence/auroc",
+    } - logged == {"influence/auroc"}  # no ground truth given here
+    # round files in the log dir
+    root = tmp_path / "csv" / "version_0" / "metaif"
+    assert sorted(p.name for p in root.glob("scores_round_*.csv")) == [
+        f"scores_round_{k:04d}.csv" for k in range(3)
+    ]
+    with open(root / "decisions.csv") as f:
+        decisions = list(csv.DictReader(f))
+    assert any(d["action"] == "prune" for d in decisions)
+    assert (root / "store" / "rank0").is_dir()
+
+
+def test_wandb_dashboard_is_logged_and_readable(tmp_path):
+    seed_all(0)
+    influence = MetaInfluence(mode="checkpoints", projection_dim=64, verbose=False)
+    dm, corruption = digits_setup(task_state=influence.task_state)
+    influence.corrupted_task_ids = set(corruption.task_ids.tolist())
+    logger = WandbLogger(project="metaif-test", save_dir=str(tmp_path), mode="offline")
+    try:
+        trainer(tmp_path, [influence], max_epochs=2, logger=logger).fit(tiny_maml(), datamodule=dm)
+    finally:
+        wandb.finish()
+    run = read_run(tmp_path)
+    table = run.table("influence/tasks")
+    assert len(table["data"]) == 40  # one row per task
+    assert {"id", "score", "rank", "weight", "pruned"} <= set(table["columns"])
+    keys = run.keys()
+    assert "influence/top_harmful_table" in keys and "influence/top_helpful_table" in keys
+    assert "influence/score_hist_table" in keys
+    assert "influence/auroc" in keys
+
+
+@pytest.mark.parametrize("mode", ["checkpoints", "task_if", "ensemble"])
+def test_periodic_modes_score_the_pool(tmp_path, mode):
+    seed_all(0)
+    influence = MetaInfluence(
+        mode=mode,
+        projection_dim=32,
+        ensemble_copies=1,
+        damping=1.0,
+        l2=0.01,
+        solver_options={"max_iterations": 20},
+        verbose=False,
+        max_tasks_per_round=24,
+    )
+    dm, _ = digits_setup(corrupt=0)
+    trainer(tmp_path, [influence], max_epochs=2).fit(tiny_maml(), datamodule=dm)
+    assert influence.rounds == 2
+    scored = influence.result.scores != 0
+    assert int(scored.sum()) >= 24 and torch.isfinite(influence.result.scores).all()
+
+
+def test_failed_solve_warns_and_prunes_nothing(tmp_path):
+    seed_all(0)
+    policy = PruningPolicy(fraction=0.2, warmup_rounds=0, only_harmful=False)
+    influence = MetaInfluence(
+        mode="task_if", damping=0.0, solver_options={"max_iterations": 30}, pruning=policy, verbose=False
+    )
+    dm, _ = digits_setup(corrupt=0, task_state=influence.task_state)
+    with pytest.warns(UserWarning, match="raise the damping"):
+        trainer(tmp_path, [influence], max_epochs=1).fit(tiny_maml(), datamodule=dm)
+    assert torch.isnan(influence.result.scores).all()
+    assert not influence.task_state.pruned
+    assert influence.result.decisions[-1].action == "skip"
+
+
+def test_resume_keeps_pruned_set_and_store(tmp_path):
+    seed_all(0)
+    policy = PruningPolicy(fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.2, only_harmful=False)
+    first = MetaInfluence(
+        mode="trajectory", projection_dim=32, pruning=policy, verbose=False, store_dir=tmp_path / "mi"
+    )
+    dm, _ = digits_setup(task_state=first.task_state)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, [first, checkpoint], max_epochs=2, enable_checkpointing=True).fit(
+        tiny_maml(), datamodule=dm
+    )
+    assert len(first.task_state.pruned) == 8
+    segments_before = len(list((tmp_path / "mi" / "store" / "rank0").glob("*.seg*"))) + len(
+        list((tmp_path / "mi" / "store" / "rank0").iterdir())
+    )
+
+    second = MetaInfluence(
+        mode="trajectory", projection_dim=32, pruning=policy, verbose=False, store_dir=tmp_path / "mi"
+    )
+    dm2, _ = digits_setup(task_state=second.task_state)
+    recorder = RecordSampledIds()
+    trainer(tmp_path, [second, recorder], max_epochs=3).fit(
+        tiny_maml(), datamodule=dm2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    assert first.task_state.pruned <= second.task_state.pruned
+    assert (
+        not set(recorder.by_epoch[2]) & first.task_state.pruned
+    )  # the first resumed epoch already skips them
+    assert second.rounds == 3
+    assert len(list((tmp_path / "mi" / "store" / "rank0").iterdir())) > segments_before - 1
+
+
+def test_detects_corrupted_tasks(tmp_path):
+    seed_all(0)
+    influence = MetaInfluence(mode="trajectory", projection_dim=256, verbose=False)
+    dm, corruption = digits_setup(num_train=60, task_state=influence.task_state, batch_size=10)
+    influence.corrupted_task_ids = set(corruption.task_ids.tolist())
+    trainer(tmp_path, [influence], max_epochs=4).fit(tiny_maml(outer_lr=1e-2), datamodule=dm)
+    auroc = influence.history[-1]["influence/auroc"]
+    print(f"detection AUROC after 4 epochs: {auroc:.3f}")
+    assert auroc >= 0.9
+
+
+def test_ddp_spawn_two_ranks_agree(tmp_path):
+    seed_all(0)
+    policy = PruningPolicy(fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.2, only_harmful=False)
+    influence = MetaInfluence(mode="checkpoints", projection_dim=32, pruning=policy, verbose=False)
+    dm, _ = digits_setup(task_state=influence.task_state, batch_size=4)
+    out = tmp_path / "ranks"
+    out.mkdir()
+    logger = CSVLogger(tmp_path, name="ddp")
+    t = trainer(
+        tmp_path,
+        [influence, DumpRankState(str(out))],
+        max_epochs=3,
+        logger=logger,
+        strategy="ddp_spawn",
+        devices=2,
+    )
+    t.fit(tiny_maml(), datamodule=dm)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["world_size"] == 2
+    assert ranks[0]["pruned"] == ranks[1]["pruned"] and len(ranks[0]["pruned"]) == 8
+    assert ranks[0]["scores"] == ranks[1]["scores"]
+    pruned = set(ranks[0]["pruned"])
+    for r in ranks:
+        assert not set(r["sampled"]["2"]) & pruned
+    kept = set(dm.train_pool.task_ids.tolist()) - pruned
+    assert set(ranks[0]["sampled"]["2"]) | set(ranks[1]["sampled"]["2"]) == kept  # ranks split the kept tasks
+    root = tmp_path / "ddp" / "version_0" / "metaif"
+    assert len(list(root.glob("scores_round_*.csv"))) == 3  # rank 0 only writes round files
+    assert (root / "store" / "rank0").is_dir() and (root / "store" / "rank1").is_dir()

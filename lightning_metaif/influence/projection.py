@@ -11,7 +11,8 @@ platform-independent; ``log``/``cos`` are evaluated in float64 and rounded to fl
 libraries cannot change a bit in practice), Rademacher signs from ``torch.randint``. ``P`` therefore depends only
 on ``(seed, in_dim, out_dim, kind)``: not on ``block_size``, ``dtype``, the device, or how ``x`` is batched.
 
-Memory: a call holds at most ``max(block_size, G) x d`` entries of ``P`` at once (plus the ``[n, d]`` output),
+Memory: a call holds at most ``max(block_size, G) x d`` entries of ``P`` at once, i.e. at most
+``max(block_size · d, 2²⁰)`` (plus the ``[n, d]`` output),
 never the whole ``p x d`` matrix, unless the whole matrix is small (``in_dim · out_dim ≤ cache_elements``), in
 which case it is generated once and kept to save regeneration across calls.
 
@@ -66,7 +67,8 @@ class RandomProjection:
         block_size: rows of ``Pᵀ`` (coordinates of ``x``) multiplied at once; bounds the memory of a call.
         dtype: floating dtype of the computation and of the output.
         cache_elements: keep the whole matrix after the first call when ``in_dim · out_dim`` is at most this
-            (0 disables caching).
+            (default 2²⁵ entries = 128 MB in float32; 0 disables caching). Without the cache every call
+            regenerates ``P`` (cost ∝ ``p·d``): project many rows per call.
 
     Example:
         >>> import torch
@@ -87,7 +89,7 @@ class RandomProjection:
         kind: Kind = "gaussian",
         block_size: int = 65536,
         dtype: torch.dtype = torch.float32,
-        cache_elements: int = 1 << 22,
+        cache_elements: int = 1 << 25,
     ) -> None:
         self.in_dim = _check_int("in_dim", in_dim, 1)
         self.out_dim = _check_int("out_dim", out_dim, 1)
@@ -117,31 +119,45 @@ class RandomProjection:
         """Rows ``[index·G, (index+1)·G)`` of ``Pᵀ`` (already scaled by ``1/√d``), float32 on the CPU."""
         if not 0 <= index < self.num_chunks:
             raise IndexError(f"chunk index {index} out of range [0, {self.num_chunks}).")
-        start = index * self.chunk_rows
-        rows = min(self.chunk_rows, self.in_dim - start)
+        rows = min(self.chunk_rows, self.in_dim - index * self.chunk_rows)
+        out = torch.empty(rows, self.out_dim, dtype=torch.float32)
+        self._fill(index, out)
+        return out
+
+    def _fill(self, index: int, out: Tensor) -> None:
+        """Write generation chunk ``index`` into the contiguous float32 ``out`` (``[rows, d]``)."""
         generator = torch.Generator().manual_seed(chunk_seed(self.seed, index))
-        count = rows * self.out_dim
+        flat = out.view(-1)
+        count = flat.numel()
+        inv_sqrt_d = 1.0 / math.sqrt(self.out_dim)
         if self.kind == "gaussian":
-            uniform = torch.rand(2, count, generator=generator, dtype=torch.float64)
-            radius = torch.sqrt(-2.0 * torch.log1p(-uniform[0]))  # 1 − u ∈ (0, 1]
-            values = (radius * torch.cos((2.0 * math.pi) * uniform[1])).to(torch.float32)
+            # Box-Muller on float64 uniforms, both outputs used: z₁ = r cos θ fills the first half, z₂ = r sin θ
+            # the second.
+            half = (count + 1) // 2
+            uniform = torch.rand(2, half, generator=generator, dtype=torch.float64)
+            radius = torch.log1p(-uniform[0]).mul_(-2.0).sqrt_().mul_(inv_sqrt_d)  # 1 − u ∈ (0, 1]
+            angle = uniform[1].mul_(2.0 * math.pi)
+            flat[:half].copy_(radius * torch.cos(angle))
+            flat[half:].copy_((radius * torch.sin(angle))[: count - half])
         else:
-            signs = torch.randint(0, 2, (count,), generator=generator, dtype=torch.int8)
-            values = (2 * signs - 1).to(torch.float32)
-        return (values / math.sqrt(self.out_dim)).reshape(rows, self.out_dim)
+            flat.copy_(torch.randint(0, 2, (count,), generator=generator, dtype=torch.int8))
+            flat.mul_(2.0).sub_(1.0).mul_(inv_sqrt_d)
 
     def blocks(self) -> Iterator[tuple[int, int, Tensor]]:
-        """Yield ``(start, stop, Pᵀ[start:stop])`` blocks of about ``block_size`` rows covering ``0..in_dim``."""
+        """Yield ``(start, stop, Pᵀ[start:stop])`` float32 CPU blocks of about ``block_size`` rows (at least one
+        generation chunk) covering ``0..in_dim``; each block is a fresh tensor."""
         per_block = max(1, self.block_size // self.chunk_rows)
         for first in range(0, self.num_chunks, per_block):
             last = min(first + per_block, self.num_chunks)
-            block = (
-                torch.cat([self.chunk(c) for c in range(first, last)])
-                if last - first > 1
-                else self.chunk(first)
-            )
             start = first * self.chunk_rows
-            yield start, start + block.shape[0], block
+            stop = min(last * self.chunk_rows, self.in_dim)
+            block = torch.empty(stop - start, self.out_dim, dtype=torch.float32)
+            for c in range(first, last):
+                offset = (c - first) * self.chunk_rows
+                self._fill(
+                    c, block[offset : offset + min(self.chunk_rows, self.in_dim - c * self.chunk_rows)]
+                )
+            yield start, stop, block
 
     def matrix(self) -> Tensor:
         """The dense ``P [d, p]`` in :attr:`dtype` (small problems and tests only)."""
@@ -223,5 +239,5 @@ class RandomProjection:
             kind=state["kind"],
             block_size=state.get("block_size", 65536),
             dtype=dtype,
-            cache_elements=state.get("cache_elements", 1 << 22),
+            cache_elements=state.get("cache_elements", 1 << 25),
         )

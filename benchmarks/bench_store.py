@@ -5,9 +5,10 @@ into a fresh store (chunks of ``--chunk`` rows), then scores them with ``Gradien
 (``[d]``) and eight vectors (``[d, 8]``), and with ``tracin_scores`` (dot + per-task accumulation). Scoring is timed
 with the file in the page cache ("warm", best of ``--repeats``) and after dropping the file's pages with
 ``posix_fadvise(DONTNEED)`` ("cold", where the platform allows it). Peak memory is the growth of the resident set
-during each phase: the kernel's high-water mark is reset before the phase (``/proc/self/clear_refs``, Linux) and
-``VmHWM`` read after it; elsewhere ``ru_maxrss`` is used (then it is only an upper bound after the first phase).
-Random data generation is excluded from the write time but not from the write memory.
+during each phase, measured in a fresh interpreter per configuration (so no memory freed by an earlier
+configuration is reused): the kernel's high-water mark is reset before the phase (``/proc/self/clear_refs``,
+Linux) and ``VmHWM`` read after it; elsewhere ``ru_maxrss`` is used. The rows come from one pre-generated chunk
+updated in place, so neither the write time nor the write memory includes data generation.
 
 Usage::
 
@@ -18,9 +19,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -87,6 +90,7 @@ def _best(fn, repeats: int) -> float:
 def run_one(root: Path, m: int, d: int, dtype: torch.dtype, chunk: int, repeats: int) -> dict[str, float]:
     store = GradientStore(root, dim=d, dtype=dtype)
     gen = torch.Generator().manual_seed(0)
+    pool = torch.randn(chunk, d, generator=gen)  # generated before the measurement; chunk c writes pool + c
     write_s = 0.0
     with PeakMemory() as mem_write:
         t0 = time.perf_counter()
@@ -94,7 +98,7 @@ def run_one(root: Path, m: int, d: int, dtype: torch.dtype, chunk: int, repeats:
         write_s += time.perf_counter() - t0
         for start in range(0, m, chunk):
             n = min(chunk, m - start)
-            rows = torch.randn(n, d, generator=gen)
+            rows = pool[:n].add_(1.0 / (1 + start // chunk))  # in place: distinct rows, no allocation
             t0 = time.perf_counter()
             writer.write(torch.arange(start, start + n), rows)
             write_s += time.perf_counter() - t0
@@ -134,14 +138,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=4096, help="rows per writer.write call")
     parser.add_argument("--repeats", type=int, default=3, help="warm scoring repeats (best is reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--one", nargs=4, metavar=("ROOT", "M", "D", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.one:  # child mode: one configuration in a fresh interpreter, JSON on stdout
+        torch.randn(64, 64) @ torch.randn(64)
+        root, m, d, dtype = Path(args.one[0]), int(args.one[1]), int(args.one[2]), getattr(torch, args.one[3])
+        print(json.dumps(run_one(root, m, d, dtype, args.chunk, args.repeats)))
+        return
     sizes = [1_000, 10_000] if args.quick else [1_000, 10_000, 100_000]
     base = Path(tempfile.mkdtemp(prefix="bench_store_", dir=args.root))
     torch.randn(64, 64) @ torch.randn(64)  # warm up BLAS before the first measurement
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, stores under {base}; scoring block = 16 MiB "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, stores under {base}, one fresh process per "
+        "row; scoring block = 16 MiB "
         "of float32 rows; times: write = writer.write+commit (fsync included), dot = rows @ v[d], dot8 = rows @ "
         "V[d,8], tracin = dot + per-task accumulation (warm page cache, best of repeats), cold = first dot after "
         "posix_fadvise(DONTNEED); memory = peak RSS growth during the phase."
@@ -157,7 +168,13 @@ def main(argv: list[str] | None = None) -> None:
             for dtype in (torch.float16, torch.float32):
                 for m in sizes:
                     root = base / f"m{m}_d{d}_{str(dtype)[6:]}"
-                    r = run_one(root, m, d, dtype, args.chunk, args.repeats)
+                    cmd = [sys.executable, __file__, "--one", str(root), str(m), str(d), str(dtype)[6:]]
+                    cmd += ["--chunk", str(args.chunk), "--repeats", str(args.repeats)]
+                    cmd += ["--threads", str(args.threads)] if args.threads else []
+                    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"benchmark child failed for M={m} d={d} {dtype}:\n{proc.stderr}")
+                    r = json.loads(proc.stdout.strip().splitlines()[-1])
                     print(
                         f"{m:>7} {d:>5} {str(dtype)[6:]:>7} {r['file_mib']:>9.2f} {r['write_s']:>8.3f} "
                         f"{r['write_mibs']:>7.0f} {r['cold_ms']:>8.1f} {r['dot_ms']:>8.1f} {r['dot_mrows']:>8.2f} "

@@ -442,15 +442,19 @@ def phase_growth(base):
 
 
 torch.set_num_threads(1)
-torch.randn(64, D) @ torch.randn(D)  # warm up allocator / BLAS before the baseline
+# one-time initialisation (torch kernels, numpy generator) and the test's own data buffer come before the baseline
+warm = GradientStore(root + "_warm", dim=D, dtype=torch.float16)
+warm.dot(warm.write_checkpoint(0, 0.1, torch.arange(16), torch.randn(16, D)), torch.randn(D))
+buf = np.empty((CHUNK, D), dtype=np.float32)  # rows are generated in place in this buffer
+np.random.default_rng(0).standard_normal(out=buf, dtype=np.float32)
 store = GradientStore(root, dim=D, dtype=torch.float16, projection={"seed": 0})
 base = start_phase()
 t0 = time.perf_counter()
 with store.open_checkpoint(step=100, learning_rate=0.01, num_rows=M) as w:
     for c, start in enumerate(range(0, M, CHUNK)):
         n = min(CHUNK, M - start)
-        rows = torch.randn(n, D, generator=torch.Generator().manual_seed(1000 + c))
-        w.write(torch.arange(start, start + n) * 3 + 7, rows)
+        np.random.default_rng(1000 + c).standard_normal(out=buf[:n], dtype=np.float32)
+        w.write(torch.arange(start, start + n) * 3 + 7, buf[:n])
 t_write = time.perf_counter() - t0
 growth_write = phase_growth(base)
 base = start_phase()
@@ -476,7 +480,9 @@ def test_large_streaming_write_and_dot_bounded_rss(tmp_path: Path) -> None:
     resets the kernel's resident-set high-water mark (``/proc/self/clear_refs`` = 5, Linux) and reads ``VmHWM``
     afterwards; elsewhere it falls back to ``ru_maxrss`` (a high-water mark over the process life, still fine in a
     fresh process). Both count every resident page, file-backed mmap pages included, which tracemalloc does not
-    see. The peak growth of each phase must stay below a fifth of the file size.
+    see. One-time initialisation and the test's data buffer (rows are generated in place) come before the baseline,
+    so the growth is the store's own: about 1.5 MiB of cast buffer when writing, one 16 MiB float32 block plus its
+    8 MiB float16 source when scoring. Limits: a tenth (write) and a fifth (score) of the file size.
     """
     root, out = tmp_path / "store", tmp_path / "out"
     out.mkdir()
@@ -492,7 +498,7 @@ def test_large_streaming_write_and_dot_bounded_rss(tmp_path: Path) -> None:
     file_mib = stats["bytes"] / 2**20
     assert file_mib > 195
     print(f"\nlarge store ({file_mib:.1f} MiB file): {stats}")
-    assert stats["growth_write"] < file_mib / 5, stats
+    assert stats["growth_write"] < file_mib / 10, stats
     assert stats["growth_score"] < file_mib / 5, stats
 
     # correctness on sampled rows against an independent regeneration in float64 numpy
@@ -507,7 +513,9 @@ def test_large_streaming_write_and_dot_bounded_rss(tmp_path: Path) -> None:
     for c in chunks:
         start = c * 2048
         n = min(2048, 100_000 - start)
-        ref = torch.randn(n, 1024, generator=torch.Generator().manual_seed(1000 + c)).half()
+        ref = torch.from_numpy(
+            np.random.default_rng(1000 + c).standard_normal((n, 1024), dtype=np.float32)
+        ).half()
         pick = rng.choice(n, size=min(n, 64), replace=False)
         expect = ref.double().numpy()[pick] @ vec
         np.testing.assert_allclose(scores[start + pick], expect, rtol=1e-4, atol=1e-3)

@@ -130,6 +130,7 @@ _ALIASES = {
 
 DEFAULT_BLOCK_BYTES = 16 * 2**20
 DEFAULT_SEGMENT_BYTES = 64 * 2**20
+_WRITE_PIECE_BYTES = 2**20
 
 Reference = Tensor | Mapping[int, Tensor] | Callable[[int], "Tensor | None"]
 
@@ -431,6 +432,7 @@ class CheckpointWriter:
         self.final_path = store.root / f"{prefix}-{self.index:08d}-{steps}{FILE_SUFFIX}"
         self.temp_path = store.root / f"{TEMP_PREFIX}{self.final_path.name}.{uuid.uuid4().hex}"
         self.rows_written = 0
+        self._cast: Tensor | None = None  # reused cast buffer: no per-chunk allocations in steady state
         self._state = "open"
         self._file = open(self.temp_path, "wb")  # noqa: SIM115 - lives until commit()/abort()
         try:
@@ -447,37 +449,50 @@ class CheckpointWriter:
         """Append a chunk: ``task_ids`` ``[n]`` ints and ``rows`` ``[n, dim]`` (any float dtype, any device).
 
         ``steps``/``lrs`` (``[n]``) are the per-row columns of a trajectory segment (required there, refused for a
-        checkpoint). Rows are cast to the store dtype and must stay finite (float16 overflows above 65504).
+        checkpoint). Rows are cast to the store dtype and must stay finite (float16 overflows above 65504). The
+        chunk is cast into a reused 1 MiB buffer and written piece by piece, so the store adds about 1.5 MiB to
+        the caller's chunk, whatever its size.
+        A failed write (bad shape, non-finite values, too many rows, I/O error) aborts the whole checkpoint.
         """
         if self._state != "open":
             raise ValueError(f"cannot write to a writer that is {self._state}; open a new checkpoint.")
-        data = self.store._encode_rows(rows)
-        n = data.shape[0]
-        ids = _as_ids(task_ids, n)
-        if self.rows_written + n > self.num_rows:
+        try:
+            rows_t = self.store._as_rows(rows)
+            n = int(rows_t.shape[0])
+            ids = _as_ids(task_ids, n)
+            if self.rows_written + n > self.num_rows:
+                raise ValueError(
+                    f"writing {n} more rows would exceed num_rows={self.num_rows} ({self.rows_written} already "
+                    "written); the checkpoint was aborted. Pass the right num_rows to open_checkpoint."
+                )
+            f, start = self._file, self.rows_written
+            if self.kind == "segment":
+                if steps is None or lrs is None:
+                    raise ValueError("a trajectory segment needs per-row steps= and lrs= columns.")
+                step_col = _as_ids(steps, n)
+                lr_col = np.ascontiguousarray(np.broadcast_to(np.asarray(lrs, dtype="<f8"), (n,)))
+                if not np.isfinite(lr_col).all():
+                    raise ValueError("learning rates must be finite.")
+                f.seek(self._steps + 8 * start)
+                f.write(step_col.tobytes())
+                f.seek(self._lrs + 8 * start)
+                f.write(lr_col.tobytes())
+            elif steps is not None or lrs is not None:
+                raise ValueError("steps=/lrs= columns only exist for trajectory segments (append_step).")
+            f.seek(self._ids + 8 * start)
+            f.write(ids.tobytes())
+            if self._cast is None:
+                piece_rows = max(1, min(self.num_rows, _WRITE_PIECE_BYTES // self._row_bytes))
+                self._cast = torch.empty((piece_rows, self.store.dim), dtype=self.store.dtype)
+            piece = self._cast.shape[0]
+            for lo in range(0, n, piece):
+                dst = self._cast[: min(piece, n - lo)]
+                data = self.store._encode_rows(rows_t[lo : lo + piece], out=dst)
+                f.seek(self._data + self._row_bytes * (start + lo))
+                f.write(memoryview(data).cast("B"))
+        except BaseException:
             self.abort()
-            raise ValueError(
-                f"writing {n} more rows would exceed num_rows={self.num_rows} ({self.rows_written} already "
-                "written); the checkpoint was aborted. Pass the right num_rows to open_checkpoint."
-            )
-        f, start = self._file, self.rows_written
-        if self.kind == "segment":
-            if steps is None or lrs is None:
-                raise ValueError("a trajectory segment needs per-row steps= and lrs= columns.")
-            step_col = _as_ids(steps, n)
-            lr_col = np.ascontiguousarray(np.broadcast_to(np.asarray(lrs, dtype="<f8"), (n,)))
-            if not np.isfinite(lr_col).all():
-                raise ValueError("learning rates must be finite.")
-            f.seek(self._steps + 8 * start)
-            f.write(step_col.tobytes())
-            f.seek(self._lrs + 8 * start)
-            f.write(lr_col.tobytes())
-        elif steps is not None or lrs is not None:
-            raise ValueError("steps=/lrs= columns only exist for trajectory segments (append_step).")
-        f.seek(self._ids + 8 * start)
-        f.write(ids.tobytes())
-        f.seek(self._data + self._row_bytes * start)
-        f.write(memoryview(data).cast("B"))
+            raise
         self.rows_written += n
 
     def commit(self) -> CheckpointInfo:
@@ -777,16 +792,25 @@ class GradientStore:
         self._load()
 
     # ------------------------------------------------------------------ writing
-    def _encode_rows(self, rows: Tensor | np.ndarray) -> np.ndarray:
+    def _as_rows(self, rows: Tensor | np.ndarray) -> Tensor:
+        """Validate shape and dtype of a chunk of rows (no copy)."""
         if isinstance(rows, np.ndarray):
-            rows = torch.from_numpy(np.ascontiguousarray(rows))
+            rows = torch.from_numpy(rows if rows.strides[-1] > 0 else np.ascontiguousarray(rows))
         if not isinstance(rows, Tensor):
             raise ValueError(f"rows must be a Tensor or numpy array, got {type(rows).__name__}.")
         if rows.dim() != 2 or rows.shape[1] != self.dim:
             raise ValueError(f"rows must have shape [n, {self.dim}], got {tuple(rows.shape)}.")
         if not rows.is_floating_point():
             raise ValueError(f"rows must be floating point, got {rows.dtype}.")
-        cast = rows.detach().to(device="cpu", dtype=self.dtype).contiguous()
+        return rows
+
+    def _encode_rows(self, rows: Tensor | np.ndarray, out: Tensor | None = None) -> np.ndarray:
+        """Cast rows to the store dtype on the CPU (checked finite) as a numpy array of the storage dtype.
+
+        With ``out`` (a CPU tensor of the store dtype and the same shape) the cast is written there.
+        """
+        rows = self._as_rows(rows).detach()
+        cast = out.copy_(rows) if out is not None else rows.to(device="cpu", dtype=self.dtype).contiguous()
         if not bool(torch.isfinite(cast).all()):
             hint = (
                 " (float16 overflows above 65504: scale the gradients or use float32)"

@@ -18,9 +18,10 @@ from lightning_metaif.actions.pruning import PruningPolicy
 from lightning_metaif.actions.sampler import TaskSampler
 from lightning_metaif.actions.state import TaskState
 from lightning_metaif.actions.weighting import TaskWeighting
-from lightning_metaif.dashboards.round import Decision, ScoreRound
+from lightning_metaif.dashboards.round import Decision, SampleScore, ScoreRound
 from lightning_metaif.influence.gradients import per_task_gradients, reference_gradient
 from lightning_metaif.influence.hessian import TotalHessian
+from lightning_metaif.influence.instance import instance_influence
 from lightning_metaif.influence.problem import ParamLayout, Params, trainable
 from lightning_metaif.influence.projection import RandomProjection
 from lightning_metaif.influence.solvers import SOLVERS, SolverError, solve
@@ -393,6 +394,11 @@ class MetaInfluence(Callback):
         elapsed = time.perf_counter() - start
         self.timings["round_seconds"] += elapsed
         self.result = self._make_round(trainer, scores, self_influence, decisions, elapsed)
+        if trainer.is_global_zero and self.sample_top_k > 0:
+            sample_start = time.perf_counter()
+            with torch.enable_grad():
+                self.result.sample_rows = self._sample_rows(pl_module, params, self.result)
+            self.result.seconds += time.perf_counter() - sample_start
         if trainer.is_global_zero:
             self._publish(trainer, pl_module, self.result)
 
@@ -477,6 +483,38 @@ class MetaInfluence(Callback):
                 scores[mine] += (rows @ reference).double() / len(members)
                 self_influence[mine] += (rows * rows).sum(1).double() / len(members)
         return scores, self_influence, scored
+
+    def _sample_rows(
+        self, pl_module: pl.LightningModule, params: Params, round_: ScoreRound
+    ) -> list[SampleScore]:
+        """Instance influence (inner-product form, at the current parameters) of the k most harmful tasks."""
+        order = [int(i) for i in round_.order().tolist() if not bool(round_.pruned[i])][: self.sample_top_k]
+        if not order:
+            return []
+        positions = torch.tensor(order)
+        tasks = self.pool.batch(positions)
+        result = instance_influence(
+            pl_module,
+            params,
+            tasks,
+            self._reference_tasks,
+            utility=self.utility,
+            solver="identity",
+            chunk_size=self.chunk_size,
+        )
+        image = bool(getattr(self.pool, "is_image", False))
+        rows = []
+        for i, task_id in enumerate(result.task_ids.tolist()):
+            task = tasks[i]
+            for split, table, inputs, labels in (
+                ("support", result.support_scores, task.support_x, task.support_y),
+                ("query", result.query_scores, task.query_x, task.query_y),
+            ):
+                for j, value in enumerate(torch.as_tensor(table[i]).tolist()):
+                    label = labels[j].item() if labels[j].numel() == 1 else None
+                    rows.append(SampleScore(task_id, split, j, value, label, inputs[j] if image else None))
+        rows.sort(key=lambda row: row.score)
+        return rows
 
     # ------------------------------------------------------------------ acting ------------------------------
 

@@ -93,7 +93,7 @@ def test_csv_logger_and_files_and_pruned_ids_never_sampled_again(tmp_path):
 
 def test_wandb_dashboard_is_logged_and_readable(tmp_path):
     seed_all(0)
-    influence = MetaInfluence(mode="checkpoints", projection_dim=64, verbose=False)
+    influence = MetaInfluence(mode="checkpoints", projection_dim=64, verbose=False, sample_top_k=2)
     dm, corruption = digits_setup(task_state=influence.task_state)
     influence.corrupted_task_ids = set(corruption.task_ids.tolist())
     logger = WandbLogger(project="metaif-test", save_dir=str(tmp_path), mode="offline")
@@ -109,6 +109,14 @@ def test_wandb_dashboard_is_logged_and_readable(tmp_path):
     assert "influence/top_harmful_table" in keys and "influence/top_helpful_table" in keys
     assert "influence/score_hist_table" in keys
     assert "influence/auroc" in keys
+    samples = run.table("influence/harmful_samples")
+    assert samples["columns"] == ["task_id", "split", "index", "score", "label", "image"]
+    assert len(samples["data"]) > 0
+    scores = [row[3] for row in samples["data"]]
+    assert scores == sorted(scores)  # most harmful first
+    assert len(influence.result.sample_rows) == 2 * (
+        5 * 1 + 5 * 15
+    )  # every sample of the 2 most harmful tasks
 
 
 @pytest.mark.parametrize("mode", ["checkpoints", "task_if", "ensemble"])

@@ -81,3 +81,71 @@ def regression_tasks(
     sy = torch.einsum("tsd,td->ts", sx, w) + noise * torch.randn(num_tasks, support, generator=g, dtype=dtype)
     qy = torch.einsum("tsd,td->ts", qx, w) + noise * torch.randn(num_tasks, query, generator=g, dtype=dtype)
     return TaskBatch(sx, sy[..., None], qx, qy[..., None], torch.arange(num_tasks) + 100 * seed)
+
+
+def classification_tasks(
+    num_tasks: int,
+    ways: int = 3,
+    in_dim: int = 4,
+    shots: int = 2,
+    queries: int = 4,
+    seed: int = 0,
+    spread: float = 0.6,
+    noise: float = 0.8,
+    corrupt: tuple[int, ...] = (),
+    corrupt_mode: str = "shuffle",
+    id_offset: int = 0,
+    prototype_seed: int = 0,
+    dtype=torch.float64,
+) -> TaskBatch:
+    """Gaussian-blob few-shot classification tasks around shared class prototypes (labels 0..ways-1).
+
+    The shared prototypes depend on ``prototype_seed`` only, so pools drawn with different ``seed`` s come from
+    the same task distribution. Each task perturbs the shared prototypes by ``spread``; samples add ``noise``. Tasks at the positions in
+    ``corrupt`` get randomly permuted query labels (``corrupt_mode="shuffle"``) or every query label shifted to
+    the next class (``"shift"``, systematically wrong): harmful tasks, for detection and sign checks.
+    """
+    shared = 1.5 * torch.randn(
+        ways, in_dim, generator=torch.Generator().manual_seed(prototype_seed), dtype=dtype
+    )
+    g = torch.Generator().manual_seed(seed)
+    protos = shared + spread * torch.randn(num_tasks, ways, in_dim, generator=g, dtype=dtype)
+    sy = torch.arange(ways).repeat_interleave(shots).expand(num_tasks, -1).clone()
+    qy = torch.arange(ways).repeat_interleave(queries).expand(num_tasks, -1).clone()
+    sx = protos.gather(1, sy[..., None].expand(-1, -1, in_dim)) + noise * torch.randn(
+        num_tasks, ways * shots, in_dim, generator=g, dtype=dtype
+    )
+    qx = protos.gather(1, qy[..., None].expand(-1, -1, in_dim)) + noise * torch.randn(
+        num_tasks, ways * queries, in_dim, generator=g, dtype=dtype
+    )
+    for position in corrupt:
+        if corrupt_mode == "shift":
+            qy[position] = (qy[position] + 1) % ways
+        else:
+            qy[position] = qy[position][torch.randperm(ways * queries, generator=g)]
+    return TaskBatch(sx, sy, qx, qy, torch.arange(num_tasks) + id_offset)
+
+
+class ProximalMAML(LinearMAML):
+    """iMAML-style proximal adaptation approximated by many unrolled steps.
+
+    ``θ_k(λ) ≈ argmin_θ L_I(θ; S_k) + (γ/2)‖θ − λ‖²``, reached by ``steps`` of gradient descent from ``λ``.
+    """
+
+    def __init__(
+        self, inner_lr: float = 0.2, steps: int = 30, gamma: float = 1.0, kind="classification", hidden=0
+    ):
+        super().__init__(inner_lr=inner_lr, steps=steps, kind=kind, hidden=hidden)
+        self.gamma = gamma
+
+    def adapt(self, params, task, support_weights=None):
+        def inner_loss(theta):
+            data = weighted_mean(self.sample_losses(theta, task.support_x, task.support_y), support_weights)
+            prox = sum(((theta[k] - params[k]) ** 2).sum() for k in theta)
+            return data + 0.5 * self.gamma * prox
+
+        theta = dict(params)
+        for _ in range(self.steps):
+            grads = torch.func.grad(inner_loss)(theta)
+            theta = {k: theta[k] - self.inner_lr * grads[k] for k in theta}
+        return theta

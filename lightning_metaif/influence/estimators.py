@@ -59,7 +59,9 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    return value
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return f"<{type(value).__name__}>"  # e.g. a reusable LowRankInverse from the arnoldi solver
 
 
 @dataclass
@@ -208,7 +210,9 @@ class _Curvature:
 
     def solve(self, rhs: Tensor) -> SolveResult:
         result = solve(self.operator, rhs, method=self.solver, damping=self.damping, **self.options)
-        self.products += int(result.iterations)
+        self.products += int(result.extra.get("products", result.iterations))
+        if self.solver == "arnoldi" and "inverse" in result.extra:
+            self.options.setdefault("inverse", result.extra["inverse"])  # later solves reuse the eigenpairs
         return result
 
     def quadratic_forms(self, rows: Tensor) -> Tensor:
@@ -220,7 +224,8 @@ class _Curvature:
             shifted = eigenvalues + self.damping
             if float(shifted.min()) <= 0:
                 raise SolverError(
-                    f"H + δI is not positive definite (smallest eigenvalue {float(shifted.min()):.3e}): raise damping."
+                    f"H + δI is not positive definite (smallest eigenvalue {float(shifted.min()):.3e} with "
+                    f"δ={self.damping:g}): raise the damping above {-float(eigenvalues.min()):.3e}, or add an L2 term."
                 )
             coords = rows @ eigenvectors
             return (coords * coords / shifted).sum(1)

@@ -243,6 +243,11 @@ def _loop_scores(
                 "the problem's task_loss must multiply each sample's loss by support_weights / query_weights."
             )
         d_support, d_query = torch.autograd.grad(dot, [sw, qw], allow_unused=True)
+        if d_support is None and d_query is None:
+            raise ValueError(
+                f"task {int(ids[position])}: task_loss ignores support_weights and query_weights; it must multiply "
+                "each sample's loss by its weight for instance influence to be defined."
+            )
         supports.append(torch.zeros_like(sw) if d_support is None else d_support.detach())
         queries.append(torch.zeros_like(qw) if d_query is None else d_query.detach())
     return supports, queries

@@ -41,7 +41,9 @@ class MetaInfluence(Callback):
     the validation tasks, adapted from the current meta-parameters) if the task were removed: positive = the
     task helps, negative = it harms. The module must implement ``task_loss(params, task, support_weights=None,
     query_weights=None)`` (as :class:`~lightning_metaif.MAML` does) and the training batches must carry task ids
-    (a :class:`~lightning_metaif.TaskBatch`).
+    (a :class:`~lightning_metaif.TaskBatch`). The ``params`` that ``task_loss`` receives are the module's
+    ``meta_parameters()`` when it defines one, else its ``named_parameters()`` (keys as Lightning names them,
+    e.g. ``"net.0.weight"``); define ``meta_parameters()`` if your ``task_loss`` expects other names.
 
     Modes:
 
@@ -83,6 +85,9 @@ class MetaInfluence(Callback):
             the most harmful samples (with images when inputs are images); ``0`` turns it off.
         seed: seed of the projection, the task sampling and the ensemble noise.
         chunk_size: tasks per vmapped gradient call.
+        vectorize: ``"auto"`` tries ``torch.func.vmap`` over the tasks and falls back to a per-task loop (with a
+            warning) when the module's ``task_loss`` cannot be vmapped (e.g. ``higher`` inside); ``"vmap"`` or
+            ``"loop"`` force one path.
         verbose: print one summary line per round.
 
     After each round, :attr:`result` is a :class:`~lightning_metaif.dashboards.ScoreRound` with ``task_ids``,
@@ -124,6 +129,7 @@ class MetaInfluence(Callback):
         sample_top_k: int = 0,
         seed: int = 0,
         chunk_size: int = 16,
+        vectorize: str = "auto",
         verbose: bool = True,
     ) -> None:
         if mode not in MODES:
@@ -143,6 +149,8 @@ class MetaInfluence(Callback):
             raise ValueError(f"store_dtype must be one of {tuple(STORE_DTYPES)}, got {store_dtype!r}.")
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}.")
+        if vectorize not in ("auto", "vmap", "loop"):
+            raise ValueError(f"vectorize must be 'auto', 'vmap' or 'loop', got {vectorize!r}.")
         if on_solver_error not in ("warn", "raise"):
             raise ValueError(f"on_solver_error must be 'warn' or 'raise', got {on_solver_error!r}.")
         if damping < 0 or l2 < 0:
@@ -166,6 +174,7 @@ class MetaInfluence(Callback):
         self.solver, self.damping, self.l2 = solver, float(damping), float(l2)
         self.solver_options = dict(solver_options or {})
         self.on_solver_error = on_solver_error
+        self.vectorize = self._vectorize = vectorize
         self.ensemble_copies, self.ensemble_std = ensemble_copies, float(ensemble_std)
         self.weighting, self.pruning = weighting, pruning
         self.corrupted_task_ids = (
@@ -308,9 +317,8 @@ class MetaInfluence(Callback):
             or exposed_ids is None
             or not torch.equal(torch.as_tensor(exposed_ids).cpu(), task_ids)
         ):
-            grads, _ = per_task_gradients(
-                pl_module, self._params(pl_module), batch, chunk_size=self.chunk_size
-            )
+            with torch.enable_grad():  # optimizers run their closure (and this hook) under no_grad
+                grads = self._gradients(pl_module, self._params(pl_module), batch)
         grads = grads.detach()
         preconditioner = _adam_preconditioner(optimizer, self._layout, self._raw_params(pl_module))
         if preconditioner is not None:
@@ -350,9 +358,46 @@ class MetaInfluence(Callback):
 
     def _reference(self, pl_module: pl.LightningModule, params: Params) -> Tensor:
         grad, _ = reference_gradient(
-            pl_module, params, self._reference_tasks, utility=self.utility, chunk_size=self.chunk_size
+            pl_module,
+            params,
+            self._reference_tasks if self.utility is None else None,
+            utility=self.utility,
+            chunk_size=self.chunk_size,
+            vectorize="loop" if self._vectorize == "loop" else "auto",
         )
         return grad
+
+    def _gradients(
+        self, pl_module: pl.LightningModule, params: Params, tasks: Any, transform: Callable | None = None
+    ) -> Tensor:
+        """Per-task gradients, vmapped when the module allows it, looped otherwise (e.g. ``higher`` inside)."""
+        if self._vectorize != "loop":
+            try:
+                grads, _ = per_task_gradients(
+                    pl_module,
+                    params,
+                    tasks,
+                    chunk_size=self.chunk_size,
+                    transform=transform,
+                    vectorize="auto",
+                )
+                self._vectorize = "vmap"
+                return grads
+            except ValueError:
+                raise
+            except Exception as error:  # noqa: BLE001 - any failure of vmap means: use the loop path
+                if self._vectorize == "vmap":
+                    raise
+                rank_zero_warn(
+                    f"MetaInfluence: {type(pl_module).__name__}.task_loss cannot run under torch.func.vmap "
+                    f"({type(error).__name__}: {error}); using the per-task loop (slower). Pass "
+                    "vectorize='loop' to skip this attempt."
+                )
+                self._vectorize = "loop"
+        grads, _ = per_task_gradients(
+            pl_module, params, tasks, chunk_size=self.chunk_size, transform=transform, vectorize="loop"
+        )
+        return grads
 
     def _round_positions(self, trainer: pl.Trainer) -> Tensor:
         num_tasks = len(self._pool_ids)
@@ -436,8 +481,15 @@ class MetaInfluence(Callback):
         tasks = self.pool.batch(mine)
         if self.mode == "task_if":
             hessian_tasks = self.pool.batch(positions)
-            operator = TotalHessian(pl_module, params, hessian_tasks, l2=self.l2, chunk_size=self.chunk_size)
-            grads, _ = per_task_gradients(pl_module, params, tasks, chunk_size=self.chunk_size)
+            operator = TotalHessian(
+                pl_module,
+                params,
+                hessian_tasks,
+                l2=self.l2,
+                chunk_size=self.chunk_size,
+                vectorize="loop" if self._vectorize == "loop" else "auto",
+            )
+            grads = self._gradients(pl_module, params, tasks)
             self_influence[mine] = (grads * grads).sum(1).double()
             try:
                 result = solve(
@@ -458,9 +510,7 @@ class MetaInfluence(Callback):
             scores[mine] = (grads @ result.solution).double() / num_tasks
         elif self.mode == "checkpoints":
             learning_rate = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else 1.0
-            rows, _ = per_task_gradients(
-                pl_module, params, tasks, chunk_size=self.chunk_size, transform=self._project
-            )
+            rows = self._gradients(pl_module, params, tasks, transform=self._project)
             reference = self._project(self._reference(pl_module, params)[None])[0]
             scores[mine] = (learning_rate * (rows @ reference)).double()
             self_influence[mine] = (learning_rate * (rows * rows).sum(1)).double()
@@ -476,9 +526,7 @@ class MetaInfluence(Callback):
             ]
             for member in members:
                 member = trainable(member)
-                rows, _ = per_task_gradients(
-                    pl_module, member, tasks, chunk_size=self.chunk_size, transform=self._project
-                )
+                rows = self._gradients(pl_module, member, tasks, transform=self._project)
                 reference = self._project(self._reference(pl_module, member)[None])[0]
                 scores[mine] += (rows @ reference).double() / len(members)
                 self_influence[mine] += (rows * rows).sum(1).double() / len(members)

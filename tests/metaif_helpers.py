@@ -89,3 +89,27 @@ class DumpRankState(pl.Callback):
 def seed_all(seed: int = 0) -> None:
     pl.seed_everything(seed, verbose=False)
     torch.manual_seed(seed)
+
+
+class HigherUserModule(pl.LightningModule):
+    """A user's existing higher-based MAML module (automatic optimisation), made scoreable via HigherProblem."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from lightning_metaif.meta.higher_adapter import HigherProblem
+
+        self.net = tiny_backbone()
+        self.problem = HigherProblem(self.net, lambda p: torch.optim.SGD(p, lr=0.5), inner_steps=1)
+
+    def meta_parameters(self):  # the names task_loss expects (those of self.net, not "net.*")
+        return self.problem.meta_parameters()
+
+    def task_loss(self, params, task, support_weights=None, query_weights=None):
+        return self.problem.task_loss(params, task, support_weights, query_weights)
+
+    def training_step(self, batch, batch_idx):
+        params = self.meta_parameters()
+        return torch.stack([self.task_loss(params, task) for task in batch]).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=5e-3)

@@ -9,7 +9,15 @@ import wandb
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from metaif_helpers import DumpRankState, RecordSampledIds, digits_setup, seed_all, tiny_maml, trainer
+from metaif_helpers import (
+    DumpRankState,
+    HigherUserModule,
+    RecordSampledIds,
+    digits_setup,
+    seed_all,
+    tiny_maml,
+    trainer,
+)
 from wandb_reader import read_run
 
 from lightning_metaif.actions import PruningPolicy, TaskWeighting
@@ -44,6 +52,39 @@ def test_setup_rejects_a_module_without_task_loss(tmp_path):
     dm, _ = digits_setup(corrupt=0)
     with pytest.raises(ValueError, match="task_loss"):
         trainer(tmp_path, [MetaInfluence()]).fit(Plain(), datamodule=dm)
+
+
+def test_missing_reference_and_missing_task_ids_say_how_to_fix(tmp_path):
+    dm, _ = digits_setup(corrupt=0)
+    dm.val_pool = None
+    with pytest.raises(ValueError, match="no reference set"):
+        trainer(tmp_path, [MetaInfluence()]).fit(tiny_maml(), datamodule=dm)
+
+    class NoIds(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.zeros(3)
+
+    dm2, _ = digits_setup(corrupt=0)
+    influence = MetaInfluence(pool=dm2.train_pool, reference=dm2.val_pool)
+    loader = torch.utils.data.DataLoader(NoIds(), batch_size=2)
+    with pytest.raises(ValueError, match="carries no task ids"):
+        trainer(tmp_path, [influence], max_epochs=1).fit(tiny_maml(), train_dataloaders=loader)
+
+
+def test_higher_module_with_automatic_optimization_falls_back_to_the_loop(tmp_path):
+    seed_all(0)
+    influence = MetaInfluence(mode="trajectory", projection_dim=32, verbose=False)
+    dm, _ = digits_setup(corrupt=0, task_state=influence.task_state)
+    with pytest.warns(UserWarning, match="per-task loop"):
+        trainer(tmp_path, [influence], max_epochs=1, limit_train_batches=3).fit(
+            HigherUserModule(), datamodule=dm
+        )
+    assert influence._vectorize == "loop"
+    scored = influence.result.scores != 0
+    assert int(scored.sum()) == 24 and torch.isfinite(influence.result.scores).all()
 
 
 def test_csv_logger_and_files_and_pruned_ids_never_sampled_again(tmp_path):

@@ -55,6 +55,7 @@ class ConvNet(nn.Module):
         norm: ``"none"``, ``"group"`` or ``"batch"`` (batch statistics only; see the module docstring).
 
     Example:
+        >>> import torch
         >>> net = ConvNet(1, 5, hidden=8, image_size=8)
         >>> net.num_blocks, net(torch.randn(3, 64)).shape
         (3, torch.Size([3, 5]))
@@ -67,7 +68,7 @@ class ConvNet(nn.Module):
         hidden: int = 32,
         layers: int = 4,
         image_size: int = 28,
-        norm: str = "none",
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         if norm not in _NORMS:
@@ -106,6 +107,7 @@ class MLP(nn.Module):
     The last layer, ``head``, is an ``nn.Linear`` (what ANIL adapts by default).
 
     Example:
+        >>> import torch
         >>> MLP(1, 1)(torch.randn(10, 1)).shape
         torch.Size([10, 1])
     """

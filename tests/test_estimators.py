@@ -84,18 +84,18 @@ def test_task_weights_scale_scores_and_hessian(setup):
 
 
 @pytest.mark.parametrize(
-    "solver, options, tol",
+    "solver, options, damping, tol",
     [
-        ("cg", {"tolerance": 1e-12, "max_iterations": 200}, 1e-6),
-        ("lissa", {"iterations": 5000, "tolerance": 1e-10}, 1e-4),
-        ("arnoldi", {"rank": 200}, 1e-6),
+        ("cg", {"tolerance": 1e-12, "max_iterations": 200}, 0.1, 1e-6),
+        ("lissa", {"iterations": 2000, "tolerance": 1e-8}, 1.0, 1e-4),  # large δ: fast Neumann convergence
+        ("arnoldi", {"rank": 200}, 0.1, 1e-6),
     ],
 )
-def test_every_solver_matches_dense(setup, solver, options, tol):
+def test_every_solver_matches_dense(setup, solver, options, damping, tol):
     problem, train, ref, params = setup
-    dense = task_influence(problem, params, train, ref, solver="dense", damping=0.1, l2=L2)
+    dense = task_influence(problem, params, train, ref, solver="dense", damping=damping, l2=L2)
     other = task_influence(
-        problem, params, train, ref, solver=solver, damping=0.1, l2=L2, solver_options=options
+        problem, params, train, ref, solver=solver, damping=damping, l2=L2, solver_options=options
     )
     scale = dense.scores.abs().max()
     assert (other.scores - dense.scores).abs().max() <= tol * scale, (solver, other.diagnostics["residual"])
@@ -472,8 +472,8 @@ def test_cg_default_on_indefinite_problem_fails_loudly():
     """At a random init without L2 the total Hessian is indefinite: CG must say so, not return garbage."""
     from lightning_metaif.influence.solvers import SolverError
 
-    problem = LinearMAML(inner_lr=1.0, steps=3, kind="classification", hidden=4)
-    train = classification_tasks(6, seed=1, corrupt=(0, 1, 2))
+    problem = LinearMAML(inner_lr=1.0, steps=2, kind="classification", hidden=2)
+    train = classification_tasks(4, seed=1, corrupt=(0, 1))
     ref = classification_tasks(2, seed=2, id_offset=100)
     params = problem.init_params(4, 3, seed=3)
     hessian = TotalHessian(problem, params, train).dense()

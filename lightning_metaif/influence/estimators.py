@@ -382,6 +382,8 @@ def task_influence(
         self_influence = self_influence * weights.to(scores)
         if estimator == "self":
             scores = -self_influence
+        elif not with_self_influence:
+            self_influence = None
     else:
         target = DirectProblem(problem) if estimator == "direct_if" else problem
         identity_projection = projection if solver == "identity" else None

@@ -117,7 +117,15 @@ class HigherProblem:
 
     def _adapted_model(self, params: Mapping[str, Tensor], task: Any, support_weights: Tensor | None):
         higher = _import_higher()
-        initial = [params[n] if n in params else p.detach() for n, p in self.model.named_parameters()]
+        # Given tensors are adapted (made differentiable leaves if they are plain tensors, so that higher
+        # can take inner gradients); names missing from ``params`` keep the module's weights, frozen.
+        initial = []
+        for name, own in self.model.named_parameters():
+            if name in params:
+                value = params[name]
+                initial.append(value if value.requires_grad else value.detach().requires_grad_(True))
+            else:
+                initial.append(own.detach())
         fmodel = higher.monkeypatch(self.model, copy_initial_weights=True, track_higher_grads=True)
         fmodel.update_params(initial)
         diffopt = higher.optim.get_diff_optim(

@@ -111,3 +111,13 @@ def test_bad_inputs_raise_clear_errors(setup):
         per_task_gradients(object(), params, tasks)
     with pytest.raises(ValueError, match="shape"):
         TaskBatch(torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(2, 2), torch.zeros(2, 2), torch.arange(3))
+
+
+def test_param_layout_handles_scalars_and_batches():
+    layout = ParamLayout.of({"scale": torch.tensor(2.0), "w": torch.zeros(2, 2)})
+    flat = torch.arange(5.0)
+    tree = layout.unflatten(flat)
+    assert tree["scale"].shape == () and tree["scale"].item() == 0.0
+    torch.testing.assert_close(layout.flatten(tree), flat)
+    batched = layout.unflatten(torch.arange(10.0).reshape(2, 5))
+    assert batched["scale"].shape == (2,) and batched["w"].shape == (2, 2, 2)

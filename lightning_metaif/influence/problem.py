@@ -129,6 +129,6 @@ class ParamLayout:
         batch_shape = vector.shape[:-1]
         for name, shape in zip(self.names, self.shapes):
             size = int(torch.Size(shape).numel())
-            out[name] = vector[..., start : start + size].reshape(*batch_shape, *shape)
+            out[name] = vector[..., start : start + size].reshape(tuple(batch_shape) + tuple(shape))
             start += size
         return out

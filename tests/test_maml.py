@@ -420,3 +420,51 @@ def test_digits_five_way_one_shot_accuracy(tmp_path):
     accuracy = result[0]["test/accuracy"]
     print(f"digits 5-way 1-shot meta-test accuracy {accuracy:.3f} in {time.perf_counter() - start:.1f}s")
     assert accuracy >= 0.6
+
+
+class _SaveRankState(pl.Callback):
+    """Writes each rank's parameters before/after the step and its per-task gradients to ``root``."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = {n: p.detach().clone() for n, p in pl_module.meta_parameters().items()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        state = {
+            "before": self.before,
+            "after": {n: p.detach().clone() for n, p in pl_module.meta_parameters().items()},
+            "grads": pl_module.last_task_gradients.clone(),
+            "ids": pl_module.last_task_ids.clone(),
+        }
+        torch.save(state, f"{self.root}/rank{trainer.global_rank}.pt")
+
+
+def _rank_batches():
+    batch = classification_tasks(num_tasks=4, dtype=torch.float32)
+    return [batch[0:2], batch[2:4]]
+
+
+@pytest.mark.slow
+def test_ddp_averages_the_outer_gradient_over_ranks(tmp_path):
+    """Two CPU ranks (gloo), different tasks each: the step uses the mean of both ranks' outer gradients."""
+    batches = _rank_batches()
+    dataset = [batches[0], batches[1]]
+    loader = DataLoader(dataset, batch_size=None, shuffle=False)  # Lightning gives rank r batch r
+    model = small_maml("maml", dtype=torch.float32, optimizer="sgd", outer_lr=0.5)
+    trainer = pl.Trainer(
+        max_steps=1,
+        strategy="ddp_spawn",
+        devices=2,
+        callbacks=[_SaveRankState(str(tmp_path))],
+        **TRAINER_KW,
+    )
+    trainer.fit(model, loader)
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert states[0]["ids"].tolist() != states[1]["ids"].tolist()  # the ranks saw different tasks
+    layout = ParamLayout.of(states[0]["before"])
+    mean_grad = (states[0]["grads"].mean(0) + states[1]["grads"].mean(0)) / 2
+    for state in states:
+        expected = layout.flatten(state["before"]) - 0.5 * mean_grad
+        torch.testing.assert_close(layout.flatten(state["after"]), expected, rtol=1e-5, atol=1e-6)

@@ -19,6 +19,7 @@ from lightning_metaif.actions.sampler import TaskSampler
 from lightning_metaif.actions.state import TaskState
 from lightning_metaif.actions.weighting import TaskWeighting
 from lightning_metaif.dashboards.round import Decision, SampleScore, ScoreRound
+from lightning_metaif.influence.estimators import task_influence
 from lightning_metaif.influence.gradients import per_task_gradients, reference_gradient
 from lightning_metaif.influence.hessian import TotalHessian
 from lightning_metaif.influence.instance import instance_influence
@@ -27,6 +28,7 @@ from lightning_metaif.influence.projection import RandomProjection
 from lightning_metaif.influence.solvers import SOLVERS, SolverError, solve
 from lightning_metaif.influence.store import GradientStore
 from lightning_metaif.influence.tasks import TaskBatch
+from lightning_metaif.influence.tracin import TracInAccumulator
 
 Mode = Literal["trajectory", "checkpoints", "task_if", "ensemble"]
 MODES: tuple[str, ...] = ("trajectory", "checkpoints", "task_if", "ensemble")
@@ -325,8 +327,8 @@ class MetaInfluence(Callback):
             grads = grads * preconditioner.to(grads)
         rows = self._project(grads)
         learning_rate = float(optimizer.param_groups[0]["lr"])
-        coefficient = learning_rate / (len(task_ids) * trainer.world_size)
-        self._trace.append((trainer.global_step, coefficient, task_ids, rows.to(torch.float32)))
+        batch_size = len(task_ids) * trainer.world_size  # DDP averages the ranks' meta-gradients
+        self._trace.append((trainer.global_step, learning_rate, batch_size, task_ids, rows.to(torch.float32)))
         self.timings["trace_seconds"] += time.perf_counter() - start
 
     def on_train_batch_end(
@@ -455,15 +457,18 @@ class MetaInfluence(Callback):
         self_influence = torch.zeros(num_tasks, dtype=torch.float64)
         scored = torch.zeros(num_tasks, dtype=torch.bool)
         if self._trace:
-            reference = self._project(self._reference(pl_module, params)[None])[0].to(torch.float32)
-            for step, coefficient, task_ids, rows in self._trace:
-                positions = torch.tensor([self._position_of[int(t)] for t in task_ids.tolist()])
-                scores.index_add_(0, positions, (coefficient * (rows @ reference)).double())
-                self_influence.index_add_(0, positions, (coefficient * (rows * rows).sum(1)).double())
-                scored[positions] = True
-                self._store.append_step(step, coefficient, task_ids, rows)
+            reference = self._project(self._reference(pl_module, params)[None])[0]
+            accumulator = TracInAccumulator()  # this round's contributions, summed over rounds by the caller
+            for step, learning_rate, batch_size, task_ids, rows in self._trace:
+                accumulator.update(step, learning_rate, task_ids, rows, reference, batch_size=batch_size)
+                self._store.append_step(step, learning_rate, task_ids, rows)
             self._store.flush()
             self._trace.clear()
+            contributions = accumulator.scores()
+            positions = torch.tensor([self._position_of[int(t)] for t in contributions.task_ids.tolist()])
+            scores[positions] = contributions.scores
+            self_influence[positions] = contributions.self_influence
+            scored[positions] = True
         return scores, self_influence, scored
 
     def _periodic_round(
@@ -511,25 +516,30 @@ class MetaInfluence(Callback):
         elif self.mode == "checkpoints":
             learning_rate = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else 1.0
             rows = self._gradients(pl_module, params, tasks, transform=self._project)
+            info = self._store.write_checkpoint(
+                trainer.global_step, learning_rate, self._pool_ids[mine], rows
+            )
             reference = self._project(self._reference(pl_module, params)[None])[0]
-            scores[mine] = (learning_rate * (rows @ reference)).double()
-            self_influence[mine] = (learning_rate * (rows * rows).sum(1)).double()
-            self._store.write_checkpoint(trainer.global_step, learning_rate, self._pool_ids[mine], rows)
-        else:  # ensemble
-            generator = torch.Generator().manual_seed(self.seed * 7919 + self.rounds)
-            members = [params] + [
-                {
-                    k: v + self.ensemble_std * torch.randn(v.shape, generator=generator).to(v)
-                    for k, v in params.items()
-                }
-                for _ in range(self.ensemble_copies)
-            ]
-            for member in members:
-                member = trainable(member)
-                rows = self._gradients(pl_module, member, tasks, transform=self._project)
-                reference = self._project(self._reference(pl_module, member)[None])[0]
-                scores[mine] += (rows @ reference).double() / len(members)
-                self_influence[mine] += (rows * rows).sum(1).double() / len(members)
+            scores[mine] = learning_rate * self._store.dot(info, reference).double()
+            self_influence[mine] = learning_rate * (rows * rows).sum(1).double()
+        else:  # ensemble: Yang et al.'s average over the current point and perturbed copies
+            result = task_influence(
+                pl_module,
+                params,
+                tasks,
+                self._reference_tasks,
+                utility=self.utility,
+                estimator="ensemble",
+                noise_copies=self.ensemble_copies,
+                noise_std=self.ensemble_std,
+                seed=self.seed * 7919 + self.rounds,
+                projection=self._projection,
+                with_self_influence=True,
+                chunk_size=self.chunk_size,
+                vectorize="loop" if self._vectorize == "loop" else "auto",
+            )
+            scores[mine] = result.scores.double()
+            self_influence[mine] = result.self_influence.double()
         return scores, self_influence, scored
 
     def _sample_rows(

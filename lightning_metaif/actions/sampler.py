@@ -17,8 +17,8 @@ class TaskSampler(DistributedSampler):
     """Draw task positions of a pool, skipping pruned task ids; a ``DistributedSampler`` so Lightning keeps it.
 
     Every epoch has the same length (``ceil(len(pool) / num_replicas)`` per rank): kept tasks are visited in a
-    fresh seeded permutation, repeated as needed to fill the epoch, so each pruned task's slot goes to a kept
-    one. The permutation is seeded with ``seed + epoch`` and identical on every rank; rank ``r`` takes
+    fresh seeded permutation, repeated cyclically as needed to fill the epoch, so each pruned task's slot goes
+    to a kept one and no window of up to ``len(kept)`` consecutive draws repeats a task. The permutation is seeded with ``seed + epoch`` and identical on every rank; rank ``r`` takes
     ``[r::num_replicas]``. Decisions written to ``state`` apply from the next ``iter()`` (the next epoch).
 
     Without an initialised process group it acts as a single-replica sampler.
@@ -72,10 +72,12 @@ class TaskSampler(DistributedSampler):
             raise RuntimeError("Every task of the pool is pruned; set PruningPolicy.min_pool_size >= 1.")
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         repeats = math.ceil(self.total_size / len(kept))
+        # One permutation, repeated cyclically: any window of up to len(kept) consecutive draws holds distinct
+        # tasks, so a meta-batch that straddles two repeats never contains the same task twice (a fresh
+        # permutation per repeat could, and a TaskBatch refuses duplicate task ids).
         if self.shuffle:
-            order = torch.cat([kept[torch.randperm(len(kept), generator=generator)] for _ in range(repeats)])
-        else:
-            order = kept.repeat(repeats)
+            kept = kept[torch.randperm(len(kept), generator=generator)]
+        order = kept.repeat(repeats)
         order = order[: self.total_size]
         return iter(order[self.rank : self.total_size : self.num_replicas].tolist())
 

@@ -6,13 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_metaif.influence.problem import weighted_mean
 from lightning_metaif.influence.tasks import TaskBatch
-
-
-def weighted_mean(losses: Tensor, weights: Tensor | None) -> Tensor:
-    if weights is None:
-        return losses.mean()
-    return (weights * losses).sum() / losses.shape[0]
 
 
 class LinearMAML:

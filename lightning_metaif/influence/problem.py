@@ -41,6 +41,22 @@ class MetaProblem(Protocol):
     ) -> Tensor: ...
 
 
+def weighted_mean(losses: Tensor, weights: Tensor | None = None) -> Tensor:
+    """The contract's reduction of per-sample losses: ``losses.mean()``, or ``(weights * losses).sum() / n``.
+
+    Dividing by ``n`` (not by ``weights.sum()``) keeps every sample's loss linear in its weight, which is what
+    instance influence differentiates (weight 0 removes the sample, the normaliser stays).
+
+    Example:
+        >>> import torch
+        >>> weighted_mean(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 0.0])).item()
+        0.5
+    """
+    if weights is None:
+        return losses.mean()
+    return (weights * losses).sum() / losses.shape[0]
+
+
 def check_problem(problem: Any) -> None:
     """Raise a ``ValueError`` that says what is missing when ``problem`` breaks the contract."""
     task_loss = getattr(problem, "task_loss", None)

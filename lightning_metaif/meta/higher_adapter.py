@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_metaif.influence.problem import Params
+from lightning_metaif.influence.problem import Params, weighted_mean
 
 LossFn = Callable[..., Tensor]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -38,9 +38,7 @@ def _weighted_mean(losses: Tensor, weights: Tensor | None) -> Tensor:
             f"loss_fn must return one loss per sample (shape [n]) when called with reduction='none', got shape "
             f"{tuple(losses.shape)}; pass e.g. `loss_fn=torch.nn.functional.cross_entropy`."
         )
-    if weights is None:
-        return losses.mean()
-    return (weights * losses).sum() / losses.shape[0]
+    return weighted_mean(losses, weights)
 
 
 class HigherProblem:

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from lightning_metaif.influence.gradients import per_task_gradients
-from lightning_metaif.influence.problem import ParamLayout, Params
+from lightning_metaif.influence.problem import ParamLayout, Params, weighted_mean
 from lightning_metaif.influence.tasks import Task, TaskBatch
 
 Algorithm = Literal["maml", "fomaml", "anil", "imaml"]
@@ -52,13 +52,6 @@ _OPTIMIZERS = ("adam", "sgd")
 _LOSSES = ("cross_entropy", "mse")
 _BACKBONE = "backbone."
 _LRS = "inner_lrs."
-
-
-def weighted_mean(losses: Tensor, weights: Tensor | None) -> Tensor:
-    """``losses.mean()``, or ``(weights * losses).sum() / n`` with per-sample weights (the engine's rule)."""
-    if weights is None:
-        return losses.mean()
-    return (weights * losses).sum() / losses.shape[0]
 
 
 def check_backbone(backbone: nn.Module, vectorize: str = "auto") -> None:

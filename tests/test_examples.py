@@ -1,0 +1,82 @@
+"""The examples run in their --fast mode (in-process: each example has a ``main(argv)``)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _offline_wandb(tmp_path, monkeypatch):
+    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+def test_every_example_has_a_fast_mode():
+    for path in EXAMPLES.glob("*.py"):
+        text = path.read_text()
+        assert "--fast" in text and "METAIF_EXAMPLES_FAST" in text, path.name
+        assert "def main(argv=None)" in text, path.name
+
+
+def test_sinusoid_quickstart(tmp_path, capsys):
+    influence = load("sinusoid_quickstart").main(["--fast", "--output-dir", str(tmp_path)])
+    assert influence.rounds == 2 and len(influence.result.task_ids) == 40
+    assert torch.isfinite(influence.result.scores).all()
+    assert "most harmful tasks:" in capsys.readouterr().out
+    assert list(tmp_path.rglob("metaif/scores_round_0001.csv"))
+
+
+def test_higher_maml_example_scores_and_prunes_through_the_loop_path(tmp_path):
+    pytest.importorskip("higher")
+    influence = load("higher_maml").main(["--fast", "--output-dir", str(tmp_path)])
+    assert influence.rounds == 2 and torch.isfinite(influence.result.scores).all()
+    assert len(influence.task_state.pruned) >= 1  # warm-up of 1 round, then pruning
+
+
+def test_omniglot_example_fails_clearly_without_the_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        load("omniglot_folder").main(["--root", str(tmp_path / "missing"), "--fast"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Omniglot not found" in err and "Nothing is downloaded" in err
+
+
+def test_omniglot_example_runs_on_a_small_folder(tmp_path):
+    image = pytest.importorskip("PIL.Image")
+    root = tmp_path / "omniglot"
+    generator = torch.Generator().manual_seed(0)
+    for alphabet in range(2):
+        for character in range(10):
+            folder = root / "images_background" / f"Alphabet{alphabet}" / f"character{character + 1:02d}"
+            folder.mkdir(parents=True)
+            for k in range(6):  # shots + queries = 1 + 5
+                pixels = (torch.rand(28, 28, generator=generator) > 0.5).to(torch.uint8) * 255
+                image.fromarray(pixels.numpy(), mode="L").save(folder / f"{k}.png")
+    influence = load("omniglot_folder").main(
+        [
+            "--root",
+            str(root),
+            "--fast",
+            "--train-characters",
+            "0.5",
+            "--val-characters",
+            "0.25",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert influence.rounds == 1 and len(influence.result.task_ids) == 20

@@ -193,7 +193,9 @@ class MetaInfluence(Callback):
         self.rounds = 0
         self.timings: dict[str, float] = {"trace_seconds": 0.0, "round_seconds": 0.0}
         self._cumulative: Tensor | None = None
-        self._members = 0
+        self._cumulative_self: Tensor | None = None
+        self._ever_scored: Tensor | None = None
+        self._rounds_scored: Tensor | None = None
         self._pool_ids: Tensor | None = None
         self._trace: list[tuple[int, float, Tensor, Tensor]] = []
         self._batch: Any = None
@@ -423,14 +425,18 @@ class MetaInfluence(Callback):
         scored = _sum_over_ranks(trainer, scored.double()) > 0
         if self._cumulative is None:
             self._cumulative = torch.zeros(num_tasks, dtype=torch.float64)
-        if self.mode == "ensemble":
-            self._members += 1
-            self._cumulative += (round_scores - self._cumulative) / self._members
-        elif self.mode == "task_if":
-            self._cumulative = torch.where(scored, round_scores, self._cumulative)
-        else:
-            self._cumulative += round_scores
-        scores = self._cumulative.clone()
+            self._cumulative_self = torch.zeros(num_tasks, dtype=torch.float64)
+            self._ever_scored = torch.zeros(num_tasks, dtype=torch.bool)
+            self._rounds_scored = torch.zeros(num_tasks, dtype=torch.long)
+        self._rounds_scored += scored.long()
+        self._cumulative = self._combine(self._cumulative, round_scores, scored)
+        self._cumulative_self = self._combine(self._cumulative_self, self_influence, scored)
+        self._ever_scored |= scored
+        scores, self_influence, scored = (
+            self._cumulative.clone(),
+            self._cumulative_self.clone(),
+            self._ever_scored,
+        )
         decisions = self._decide(trainer, scores, scored) if trainer.is_global_zero else None
         decisions = trainer.strategy.broadcast(decisions, src=0)
         for decision in decisions:
@@ -448,6 +454,17 @@ class MetaInfluence(Callback):
             self.result.seconds += time.perf_counter() - sample_start
         if trainer.is_global_zero:
             self._publish(trainer, pl_module, self.result)
+
+    def _combine(self, previous: Tensor, new: Tensor, scored: Tensor) -> Tensor:
+        """Scores over rounds: TracIn sums (the path goes on), the ensemble averages its members, task-IF keeps
+        each task's latest score."""
+        if self.mode == "ensemble":
+            return torch.where(
+                scored, previous + (new - previous) / self._rounds_scored.clamp_min(1), previous
+            )
+        if self.mode == "task_if":
+            return torch.where(scored, new, previous)
+        return previous + new
 
     def _trajectory_round(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: Params
@@ -687,8 +704,10 @@ class MetaInfluence(Callback):
         return {
             "task_state": self.task_state.state_dict(),
             "rounds": self.rounds,
-            "members": self._members,
+            "rounds_scored": None if self._cumulative is None else self._rounds_scored.clone(),
             "cumulative": None if self._cumulative is None else self._cumulative.clone(),
+            "cumulative_self": None if self._cumulative is None else self._cumulative_self.clone(),
+            "ever_scored": None if self._cumulative is None else self._ever_scored.clone(),
             "pool_ids": None if self._pool_ids is None else self._pool_ids.clone(),
             "store": None if self._store is None else self._store.state_dict(),
             "store_root": None if self._root is None else str(self._root),
@@ -698,8 +717,10 @@ class MetaInfluence(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.task_state.load_state_dict(state_dict["task_state"])
         self.rounds = int(state_dict["rounds"])
-        self._members = int(state_dict.get("members", 0))
+        self._rounds_scored = state_dict.get("rounds_scored")
         self._cumulative = state_dict["cumulative"]
+        self._cumulative_self = state_dict.get("cumulative_self")
+        self._ever_scored = state_dict.get("ever_scored")
         self._pool_ids = state_dict["pool_ids"]
         if state_dict.get("store_root") and self.store_dir is None:
             self.store_dir = state_dict["store_root"]

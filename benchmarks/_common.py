@@ -32,7 +32,8 @@ def load() -> list[float]:
 
 def environment() -> dict[str, Any]:
     return {
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0], Path(__file__).resolve().parents[1])] + sys.argv[1:]),
+        "command": "python "
+        + " ".join([os.path.relpath(sys.argv[0], Path(__file__).resolve().parents[1])] + sys.argv[1:]),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared with other agents, noisy)",
         "torch": torch.__version__,

@@ -24,11 +24,11 @@ import argparse
 import time
 import warnings
 
+import _common as C
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-import _common as C
 from lightning_metaif.influence.estimators import task_influence
 from lightning_metaif.influence.gradients import batched_task_loss, per_task_gradients, task_tensors
 from lightning_metaif.influence.problem import ParamLayout, detached, trainable
@@ -37,7 +37,9 @@ from lightning_metaif.meta.backbones import ConvNet
 from lightning_metaif.meta.maml import MAML
 
 
-def synthetic_images(num_tasks: int, ways: int = 5, shots: int = 1, queries: int = 15, size: int = 28, seed=0):
+def synthetic_images(
+    num_tasks: int, ways: int = 5, shots: int = 1, queries: int = 15, size: int = 28, seed=0
+):
     """Class prototypes (random images) plus noise; labels 0..ways-1."""
     g = torch.Generator().manual_seed(seed)
     protos = torch.rand(num_tasks, ways, 1, size, size, generator=g)
@@ -75,10 +77,14 @@ def part_a(args) -> dict:
         total = 0.0
         plain = {n: leaves["backbone." + n] for n in names}
         for i in range(len(batch)):
-            inner = F.cross_entropy(functional_call(backbone, plain, (batch.support_x[i],)), batch.support_y[i])
+            inner = F.cross_entropy(
+                functional_call(backbone, plain, (batch.support_x[i],)), batch.support_y[i]
+            )
             g = torch.autograd.grad(inner, list(plain.values()), create_graph=True)
             fast = {n: w - 0.4 * gi for (n, w), gi in zip(plain.items(), g)}
-            total = total + F.cross_entropy(functional_call(backbone, fast, (batch.query_x[i],)), batch.query_y[i])
+            total = total + F.cross_entropy(
+                functional_call(backbone, fast, (batch.query_x[i],)), batch.query_y[i]
+            )
         g = torch.autograd.grad(total / len(batch), list(leaves.values()))
         return torch.cat([x.reshape(-1) for x in g])
 
@@ -91,7 +97,12 @@ def part_a(args) -> dict:
     )
     med = {k: C.median(v) for k, v in times.items()}
     rows = [
-        {"method": k, "median_s": med[k], "min_s": min(v), "ratio_per_task_vs_this": med["per_task_vmap"] / med[k]}
+        {
+            "method": k,
+            "median_s": med[k],
+            "min_s": min(v),
+            "ratio_per_task_vs_this": med["per_task_vmap"] / med[k],
+        }
         for k, v in times.items()
     ]
     return {
@@ -101,14 +112,20 @@ def part_a(args) -> dict:
         "times_s": times,
         "median_s": med,
         "rows": rows,
-        "max_rel_error_vs_mean_per_task": {"summed_func_grad": err_func, "summed_autograd_loop": err_autograd},
-        "ratio_vs_best_summed": med["per_task_vmap"] / min(med["summed_func_grad"], med["summed_autograd_loop"]),
+        "max_rel_error_vs_mean_per_task": {
+            "summed_func_grad": err_func,
+            "summed_autograd_loop": err_autograd,
+        },
+        "ratio_vs_best_summed": med["per_task_vmap"]
+        / min(med["summed_func_grad"], med["summed_autograd_loop"]),
     }
 
 
 def small_mlp(ways: int = 5) -> torch.nn.Module:
     """Flatten 8x8 digits, 64-32-ways MLP (the network of tests/metaif_helpers.py)."""
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, ways))
+    return torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, ways)
+    )
 
 
 class EpochTimer:
@@ -141,8 +158,15 @@ def part_b(args) -> dict:
     timer = EpochTimer().cb
     dm = MetaDataModule(pool, val, batch_size=16, seed=0)
     trainer = pl.Trainer(
-        max_epochs=args.epochs, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
-        logger=False, enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer],
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -163,7 +187,7 @@ def part_b(args) -> dict:
             chunk = train_batch[perm[start : start + 16]]
             g, _ = per_task_gradients(maml, bare_params, chunk, chunk_size=16)
             opt.zero_grad()
-            for (k, p), gk in zip(bare_params.items(), layout.unflatten(g.mean(0)).values()):
+            for p, gk in zip(bare_params.values(), layout.unflatten(g.mean(0)).values()):
                 p.grad = gk
             opt.step()
 
@@ -171,13 +195,18 @@ def part_b(args) -> dict:
         "tracin_1ckpt": dict(estimator="tracin"),
         "task_if_cg5": dict(estimator="task_if", solver="cg", solver_options={"max_iterations": 5}),
         "task_if_lissa": dict(
-            estimator="task_if", solver="lissa",
+            estimator="task_if",
+            solver="lissa",
             solver_options={"iterations": 50, "batch_size": 16, "power_iterations": 3, "scale": None},
         ),
     }
     if args.full:
-        configs["task_if_cg20"] = dict(estimator="task_if", solver="cg", solver_options={"max_iterations": 20})
-        configs["task_if_arnoldi10"] = dict(estimator="task_if", solver="arnoldi", solver_options={"rank": 10})
+        configs["task_if_cg20"] = dict(
+            estimator="task_if", solver="cg", solver_options={"max_iterations": 20}
+        )
+        configs["task_if_arnoldi10"] = dict(
+            estimator="task_if", solver="arnoldi", solver_options={"rank": 10}
+        )
     fns = {"bare_epoch": bare_epoch}
     diag = {}
 
@@ -185,7 +214,10 @@ def part_b(args) -> dict:
         def run():
             res = task_influence(maml, params, train_batch, ref_batch, damping=1e-2, chunk_size=64, **cfg)
             diag[name] = {k: v for k, v in res.diagnostics.items() if isinstance(v, (int, float, str, bool))}
-            print(f"  {name}: {res.diagnostics.get('seconds', 0):.2f} s, products={res.diagnostics.get('hessian_products')}", flush=True)
+            print(
+                f"  {name}: {res.diagnostics.get('seconds', 0):.2f} s, products={res.diagnostics.get('hessian_products')}",
+                flush=True,
+            )
             return res
 
         return run
@@ -196,12 +228,27 @@ def part_b(args) -> dict:
     med = {k: C.median(v) for k, v in times.items()}
     epoch = C.median(lightning_epochs)
     rows = [
-        {"method": "one epoch (Lightning Trainer)", "median_s": epoch, "epochs": 1.0, "epochs_vs_bare": med["bare_epoch"] and epoch / med["bare_epoch"]},
-        {"method": "one epoch (bare loop)", "median_s": med["bare_epoch"], "epochs": med["bare_epoch"] / epoch, "epochs_vs_bare": 1.0},
+        {
+            "method": "one epoch (Lightning Trainer)",
+            "median_s": epoch,
+            "epochs": 1.0,
+            "epochs_vs_bare": med["bare_epoch"] and epoch / med["bare_epoch"],
+        },
+        {
+            "method": "one epoch (bare loop)",
+            "median_s": med["bare_epoch"],
+            "epochs": med["bare_epoch"] / epoch,
+            "epochs_vs_bare": 1.0,
+        },
     ]
     for name in configs:
         rows.append(
-            {"method": name, "median_s": med[name], "epochs": med[name] / epoch, "epochs_vs_bare": med[name] / med["bare_epoch"]}
+            {
+                "method": name,
+                "median_s": med[name],
+                "epochs": med[name] / epoch,
+                "epochs_vs_bare": med[name] / med["bare_epoch"],
+            }
         )
     return {
         "pool": args.pool,
@@ -227,14 +274,18 @@ def main() -> None:
     env = C.environment()
     a = None if args.skip_a else part_a(args)
     if a:
-        print(f"(a) per-task vs summed meta-gradient, ConvNet ({a['num_params']} params), {a['tasks']} tasks 5-way 1-shot 28x28")
+        print(
+            f"(a) per-task vs summed meta-gradient, ConvNet ({a['num_params']} params), {a['tasks']} tasks 5-way 1-shot 28x28"
+        )
         print(C.table(a["rows"]))
         print(f"agreement (max rel. error vs mean of per-task grads): {a['max_rel_error_vs_mean_per_task']}")
         print(f"ratio per-task / best summed = {a['ratio_vs_best_summed']:.3f} (target <= 1.5)")
     b = None
     if not args.skip_b:
         b = part_b(args)
-        print(f"\n(b) task-IF for a {b['pool']}-task digits pool ({b['num_params']} params) vs one training epoch")
+        print(
+            f"\n(b) task-IF for a {b['pool']}-task digits pool ({b['num_params']} params) vs one training epoch"
+        )
         print(C.table(b["rows"]))
     C.save("bench_gradients", {"environment": env, "a": a, "b": b})
     plt = C.figure("bench_gradients")

@@ -437,7 +437,7 @@ def _train_once(cfg: DemoConfig, label: str, prune: bool, data: dict[str, Any]) 
         num_sanity_val_steps=0,
         limit_val_batches=0,
         default_root_dir=str(run_dir),
-        log_every_n_steps=5,
+        log_every_n_steps=max(1, min(5, cfg.num_tasks // cfg.batch_size)),
     )
     wandb_dir = None
     try:

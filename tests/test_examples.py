@@ -80,3 +80,22 @@ def test_omniglot_example_runs_on_a_small_folder(tmp_path):
         ]
     )
     assert influence.rounds == 1 and len(influence.result.task_ids) == 20
+
+
+def test_noisy_digits_pruning_example(tmp_path, capsys):
+    acc_baseline, acc_pruned = load("noisy_digits_pruning").main(["--fast", "--output-dir", str(tmp_path)])
+    assert 0.0 <= acc_baseline <= 1.0 and 0.0 <= acc_pruned <= 1.0
+    out = capsys.readouterr().out
+    assert "detection AUROC" in out and "pruned 8 tasks" in out
+
+
+def test_wandb_dashboard_example_writes_an_offline_run(tmp_path):
+    from wandb_reader import read_run
+
+    from lightning_metaif.cli import main
+
+    run_dir = load("wandb_dashboard").main(["--fast", "--output-dir", str(tmp_path)])
+    run = read_run(run_dir)
+    assert len(run.table("influence/tasks")["data"]) == 40
+    assert main(["report", str(tmp_path)]) == 0  # the walkthrough's last step
+    assert (tmp_path / "report.html").is_file()

@@ -386,7 +386,7 @@ def _train_once(cfg: DemoConfig, label: str, prune: bool, data: dict[str, Any]) 
         projection_dim=cfg.projection_dim,
         corrupted_task_ids=data["corrupted"] or None,
         store_dir=run_dir / "metaif",
-        damping=1e-2,
+        damping=1.0,  # task_if only: MAML's meta-Hessian is indefinite; CG needs H + δI positive definite
         l2=1e-3,
         ensemble_copies=2,
         max_tasks_per_round=None,
@@ -604,6 +604,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             "meta_test": pruned_run.test_seconds + baseline.test_seconds,
         },
         "logger": "wandb" if pruned_run.wandb_dir else "csv",
+        "num_nonfinite_scores": 0 if final is None else int((~torch.isfinite(final.scores)).sum()),
     }
     pruned_in_run = set(pruned_ids)
     for row in summary["most_harmful"] + summary["most_helpful"]:
@@ -663,6 +664,12 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"Detection of the {m} corrupted tasks: AUROC {det['auroc']:.3f}  |  recall@10% {det['recall@10%']:.2f}"
             f"  @20% {det['recall@20%']:.2f}  @40% {det['recall@40%']:.2f}  "
             f"(random ranking: AUROC 0.5, recall@k = k)"
+        )
+    nonfinite = summary.get("num_nonfinite_scores", 0)
+    if nonfinite:
+        lines.append(
+            f"WARNING: {nonfinite} tasks have no finite score (the estimator failed in some rounds; see the "
+            "warnings above): they rank as least harmful and are never pruned."
         )
     n_pruned = len(summary["pruned_task_ids"])
     if n_pruned:

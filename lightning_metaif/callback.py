@@ -230,6 +230,11 @@ class MetaInfluence(Callback):
         )
         self._root = root
         pl_module.task_weight_table = self.task_state
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and isinstance(getattr(datamodule, "task_state", None), TaskState):
+            # a datamodule built apart from the callback (LightningCLI) must sample with the callback's state,
+            # also when its loaders are rebuilt (`reload_dataloaders_every_n_epochs`)
+            datamodule.task_state = self.task_state
         if self.utility is None:
             self._reference_tasks = self._resolve_reference(trainer)
 

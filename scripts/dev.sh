@@ -12,7 +12,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
-if ! python -c "import lightning_metaif, torch, lightning, higher, wandb, sklearn, pytest" >/dev/null 2>&1; then
+if ! python -c "import lightning_metaif, torch, lightning, higher, wandb, sklearn, jsonargparse, matplotlib, pytest" >/dev/null 2>&1; then
   python -m pip install --quiet --upgrade pip
   # The CPU build first: a bare `torch` requirement would pull several GB of CUDA packages.
   python -c "import torch" >/dev/null 2>&1 || python -m pip install --quiet "torch==2.13.0"

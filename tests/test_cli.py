@@ -155,7 +155,6 @@ def test_sampler_never_repeats_a_task_inside_a_batch_after_pruning():
 
 
 def test_fit_with_the_example_config_runs_and_prunes(tmp_path):
-    pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse[signatures]")
     from lightning_metaif.callback import MetaInfluence
     from lightning_metaif.cli import lightning_cli
 

@@ -159,7 +159,7 @@ def lightning_cli(args: Sequence[str] | None = None, *, run: bool = True) -> Any
     except ImportError as error:
         raise ImportError(
             "`lightning-metaif fit` uses Lightning's LightningCLI, which needs jsonargparse: "
-            "pip install 'jsonargparse[signatures]>=4.39'"
+            "pip install 'lightning-metaif[cli]' (or 'jsonargparse[signatures]>=4.27')"
         ) from error
     from lightning.pytorch.cli import LightningCLI
 

@@ -121,3 +121,34 @@ def test_param_layout_handles_scalars_and_batches():
     torch.testing.assert_close(layout.flatten(tree), flat)
     batched = layout.unflatten(torch.arange(10.0).reshape(2, 5))
     assert batched["scale"].shape == (2,) and batched["w"].shape == (2, 2, 2)
+
+
+def test_gamma_surrogate_is_gauss_newton_part_plus_gamma_identity(setup):
+    problem, tasks, params = setup
+    layout = ParamLayout.of(params)
+    flat = layout.flatten({k: v.detach() for k, v in params.items()})
+    operator = TotalHessian(problem, params, tasks, curvature="gamma")
+
+    expected_gn = torch.zeros(layout.numel, layout.numel, dtype=torch.float64)
+    expected_gamma = 0.0
+    for task in tasks:
+        adapt = lambda f, task=task: layout.flatten(problem.adapt(layout.unflatten(f), task))  # noqa: E731
+        theta = adapt(flat)
+        jacobian = torch.func.jacrev(adapt)(flat)
+        outer = lambda t, task=task: problem.outer_loss(layout.unflatten(t), None, task)  # noqa: E731
+        expected_gn += jacobian.T @ torch.func.hessian(outer)(theta) @ jacobian
+        for i in range(task.num_query):  # sample i's share of the mean query loss
+            weights = torch.zeros(task.num_query, dtype=torch.float64)
+            weights[i] = 1.0
+            share = lambda t, w=weights, task=task: problem.outer_loss(layout.unflatten(t), None, task, w)  # noqa: E731
+            expected_gamma += torch.func.grad(share)(theta).abs().sum().item()
+    expected_gn /= len(tasks)
+    expected_gamma /= len(tasks)
+
+    assert operator.gamma == pytest.approx(expected_gamma, rel=1e-9)
+    v = torch.randn(layout.numel, dtype=torch.float64)
+    torch.testing.assert_close(operator.matvec(v), expected_gn @ v + expected_gamma * v)
+    with pytest.raises(ValueError, match="adapt"):
+        TotalHessian(
+            type("NoAdapt", (), {"task_loss": problem.task_loss})(), params, tasks, curvature="gamma"
+        )

@@ -138,12 +138,9 @@ class TotalHessian:
         if vector.shape != (self.dim,):
             raise ValueError(f"Expected a flat vector of shape ({self.dim},), got {tuple(vector.shape)}.")
         tangent = self.layout.unflatten(vector.to(self.dtype))
-        if self.curvature == "gamma":
-            total = self._gauss_newton_matvec(tangent) + self.gamma * vector
-        elif self._vmap:
-            total = self._vmap_matvec(tangent)
-        else:
-            total = self._loop_matvec(tangent)
+        if self.curvature == "gamma":  # Γ is already a mean over tasks
+            return self._gauss_newton_matvec(tangent) / len(self.tasks) + (self.gamma + self.l2) * vector
+        total = self._vmap_matvec(tangent) if self._vmap else self._loop_matvec(tangent)
         return total / len(self.tasks) + self.l2 * vector
 
     __call__ = matvec

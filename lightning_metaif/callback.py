@@ -73,7 +73,9 @@ class MetaInfluence(Callback):
         projection_dim: dimension of the random projection of stored gradients (``None``: no projection).
         projection_kind: ``"rademacher"`` or ``"gaussian"``.
         store_dtype: ``"float16"`` or ``"float32"`` for the on-disk gradient store.
-        store_dir: where the gradient store and score files go; default ``<trainer.log_dir>/metaif``.
+        store_dir: where the gradient store and score files go; default ``<trainer.log_dir>/metaif`` (or
+            ``metaif_1``, ... when that folder holds another run's files, e.g. with ``logger=False``). A run
+            resumed from a checkpoint keeps the folder recorded in the checkpoint.
         solver, damping, l2, solver_options: inverse-HVP settings of ``"task_if"``.
         on_solver_error: ``"warn"`` (default): a failed solve (negative curvature, divergence) warns with the
             remedy and the round's scores are NaN, so nothing is pruned or re-weighted; ``"raise"`` stops
@@ -203,6 +205,8 @@ class MetaInfluence(Callback):
         self._projection: RandomProjection | None = None
         self._layout: ParamLayout | None = None
         self._root: Path | None = None
+        self._restored_root: str | None = None
+        self._log_dir: str | None = None
         self._writer: Any = None
         self._dashboards: dict[int, Any] = {}
         self._reference_tasks: Any = None
@@ -222,13 +226,7 @@ class MetaInfluence(Callback):
                 "query_weights=None)`. MetaInfluence differentiates through it: implement it on your module "
                 "(adapt on the support set, return the query loss) or use `lightning_metaif.MAML`."
             )
-        log_dir = trainer.log_dir  # read on every rank: it can hang otherwise under DDP
-        root = (
-            Path(self.store_dir)
-            if self.store_dir is not None
-            else Path(log_dir or trainer.default_root_dir) / "metaif"
-        )
-        self._root = root
+        self._log_dir = trainer.log_dir or trainer.default_root_dir  # read on every rank (can hang otherwise)
         pl_module.task_weight_table = self.task_state
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None and isinstance(getattr(datamodule, "task_state", None), TaskState):
@@ -237,6 +235,19 @@ class MetaInfluence(Callback):
             datamodule.task_state = self.task_state
         if self.utility is None:
             self._reference_tasks = self._resolve_reference(trainer)
+
+    def _choose_root(self) -> Path:
+        """The run's folder: a resumed run keeps its own; a new run never mixes its files into another's."""
+        if self._restored_root is not None:
+            return Path(self._restored_root)
+        if self.store_dir is not None:
+            return Path(self.store_dir)
+        root = Path(self._log_dir) / "metaif"
+        candidate, version = root, 0
+        while (candidate / "store").exists() or (candidate / "metrics.csv").exists():  # e.g. logger=False
+            version += 1
+            candidate = root.with_name(f"metaif_{version}")
+        return candidate
 
     def _resolve_reference(self, trainer: pl.Trainer) -> Any:
         reference = self.reference
@@ -289,6 +300,7 @@ class MetaInfluence(Callback):
                 kind=self.projection_kind,
                 cache_elements=PROJECTION_CACHE_ELEMENTS,
             )
+        self._root = Path(trainer.strategy.broadcast(str(self._choose_root()), src=0))
         dim = self.projection_dim or self._layout.numel
         rank_dir = self._root / "store" / f"rank{trainer.global_rank}"
         self._store = GradientStore(
@@ -727,8 +739,7 @@ class MetaInfluence(Callback):
         self._cumulative_self = state_dict.get("cumulative_self")
         self._ever_scored = state_dict.get("ever_scored")
         self._pool_ids = state_dict["pool_ids"]
-        if state_dict.get("store_root") and self.store_dir is None:
-            self.store_dir = state_dict["store_root"]
+        self._restored_root = state_dict.get("store_root")
         self.history = [dict(h) for h in state_dict.get("history", [])]
 
 

@@ -266,3 +266,13 @@ def test_ddp_spawn_two_ranks_agree(tmp_path):
     root = tmp_path / "ddp" / "version_0" / "metaif"
     assert len(list(root.glob("scores_round_*.csv"))) == 3  # rank 0 only writes round files
     assert (root / "store" / "rank0").is_dir() and (root / "store" / "rank1").is_dir()
+
+
+def test_runs_sharing_a_log_dir_do_not_mix_their_files(tmp_path):
+    seed_all(0)
+    for run in range(2):
+        influence = MetaInfluence(mode="trajectory", projection_dim=16 * (run + 1), verbose=False)
+        dm, _ = digits_setup(corrupt=0, task_state=influence.task_state)
+        trainer(tmp_path, [influence], max_epochs=1, logger=False).fit(tiny_maml(), datamodule=dm)
+    assert sorted(p.name for p in tmp_path.glob("metaif*")) == ["metaif", "metaif_1"]
+    assert len(list((tmp_path / "metaif_1").glob("scores_round_*.csv"))) == 1

@@ -22,6 +22,7 @@ from wandb_reader import read_run
 
 from lightning_metaif.actions import PruningPolicy, TaskWeighting
 from lightning_metaif.callback import MetaInfluence
+from lightning_metaif.influence.store import GradientStore
 
 
 def test_constructor_validates_arguments():
@@ -197,33 +198,29 @@ def test_failed_solve_warns_and_prunes_nothing(tmp_path):
 def test_resume_keeps_pruned_set_and_store(tmp_path):
     seed_all(0)
     policy = PruningPolicy(fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.2, only_harmful=False)
-    first = MetaInfluence(
-        mode="trajectory", projection_dim=32, pruning=policy, verbose=False, store_dir=tmp_path / "mi"
-    )
+    first = MetaInfluence(mode="trajectory", projection_dim=32, pruning=policy, verbose=False)
     dm, _ = digits_setup(task_state=first.task_state)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer(tmp_path, [first, checkpoint], max_epochs=2, enable_checkpointing=True).fit(
         tiny_maml(), datamodule=dm
     )
     assert len(first.task_state.pruned) == 8
-    segments_before = len(list((tmp_path / "mi" / "store" / "rank0").glob("*.seg*"))) + len(
-        list((tmp_path / "mi" / "store" / "rank0").iterdir())
-    )
+    store = first._root / "store" / "rank0"
+    segments_before = len(GradientStore.open(store).checkpoints())
+    assert segments_before == 2  # one trajectory segment per round
 
-    second = MetaInfluence(
-        mode="trajectory", projection_dim=32, pruning=policy, verbose=False, store_dir=tmp_path / "mi"
-    )
+    second = MetaInfluence(mode="trajectory", projection_dim=32, pruning=policy, verbose=False)
     dm2, _ = digits_setup(task_state=second.task_state)
     recorder = RecordSampledIds()
-    trainer(tmp_path, [second, recorder], max_epochs=3).fit(
+    trainer(tmp_path, [second, recorder], max_epochs=3).fit(  # a new logger version, same callback folder
         tiny_maml(), datamodule=dm2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
     )
+    assert second._root == first._root
     assert first.task_state.pruned <= second.task_state.pruned
-    assert (
-        not set(recorder.by_epoch[2]) & first.task_state.pruned
-    )  # the first resumed epoch already skips them
+    assert not set(recorder.by_epoch[2]) & first.task_state.pruned  # the first resumed epoch skips them
     assert second.rounds == 3
-    assert len(list((tmp_path / "mi" / "store" / "rank0").iterdir())) > segments_before - 1
+    assert len(GradientStore.open(store).checkpoints()) == segments_before + 1
+    assert len(list(first._root.glob("scores_round_*.csv"))) == 3
 
 
 def test_detects_corrupted_tasks(tmp_path):

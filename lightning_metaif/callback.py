@@ -70,7 +70,8 @@ class MetaInfluence(Callback):
             dataloader's dataset (it must have ``task_ids`` and ``batch(positions)``).
         every_n_epochs / every_n_steps: when to run a scoring round (exactly one of them).
         max_tasks_per_round: score a seeded random sample of the pool per round (periodic modes).
-        projection_dim: dimension of the random projection of stored gradients (``None``: no projection).
+        projection_dim: dimension of the random projection of stored gradients (``None``, or a value not below
+            the number of meta-parameters: gradients are stored unprojected).
         projection_kind: ``"rademacher"`` or ``"gaussian"``.
         store_dtype: ``"float16"`` or ``"float32"`` for the on-disk gradient store.
         store_dir: where the gradient store and score files go; default ``<trainer.log_dir>/metaif`` (or
@@ -292,7 +293,8 @@ class MetaInfluence(Callback):
             )
         params = self._params(pl_module)
         self._layout = ParamLayout.of(params)
-        if self.projection_dim is not None:
+        # Projecting p parameters up to d >= p dimensions costs time and preserves nothing more: keep them as is.
+        if self.projection_dim is not None and self.projection_dim < self._layout.numel:
             self._projection = RandomProjection(
                 self._layout.numel,
                 self.projection_dim,
@@ -301,7 +303,7 @@ class MetaInfluence(Callback):
                 cache_elements=PROJECTION_CACHE_ELEMENTS,
             )
         self._root = Path(trainer.strategy.broadcast(str(self._choose_root()), src=0))
-        dim = self.projection_dim or self._layout.numel
+        dim = self._layout.numel if self._projection is None else self.projection_dim
         rank_dir = self._root / "store" / f"rank{trainer.global_rank}"
         self._store = GradientStore(
             rank_dir,

@@ -49,11 +49,11 @@ class MetaInfluence(Callback):
 
     Modes:
 
-    * ``"trajectory"`` (TracIn along the real path): each optimizer step, the per-task meta-gradients of the
-      batch (taken from the module's ``last_task_gradients`` when it exposes them, recomputed otherwise) are
-      projected and stored with the step's learning rate; each scoring round adds
-      ``(η_t / B) ⟨P∇f(λ), P g_k(λ_t)⟩`` for the steps since the previous round, with ``∇f`` taken at the round
-      (an approximation of ``∇f(λ_t)`` that costs one reference gradient per round instead of per step).
+    * ``"trajectory"`` (TracIn along the real path): at each optimizer step, the per-task meta-gradients of the
+      batch (taken from the module's ``last_task_gradients`` when it exposes them, recomputed otherwise) add
+      ``(η_t / B) ⟨∇f, g_k(λ_t)⟩`` to their tasks' scores, exactly (no projection), with ``∇f`` refreshed at
+      each round (at the start of training before the first): one reference gradient per round instead of per
+      step. The projected gradients also go to the store (``store_trajectory``).
     * ``"checkpoints"`` (TracInCP): every round scores the pool at the current parameters and adds
       ``η ⟨P∇f, P g_k⟩`` to each task's running sum; the projected gradients are stored as a checkpoint.
     * ``"task_if"``: Ren et al.'s task influence at the current parameters: ``(1/M) g_kᵀ (H + δI)^{-1} ∇f`` with
@@ -90,6 +90,8 @@ class MetaInfluence(Callback):
             the most harmful samples (with images when inputs are images); ``0`` turns it off.
         seed: seed of the projection, the task sampling and the ensemble noise.
         chunk_size: tasks per vmapped gradient call.
+        store_trajectory: in ``"trajectory"`` mode, also write each step's projected per-task gradients to the
+            store (for re-scoring later against other references); scoring itself does not need them.
         vectorize: ``"auto"`` tries ``torch.func.vmap`` over the tasks and falls back to a per-task loop (with a
             warning) when the module's ``task_loss`` cannot be vmapped (e.g. ``higher`` inside); ``"vmap"`` or
             ``"loop"`` force one path.
@@ -134,6 +136,7 @@ class MetaInfluence(Callback):
         sample_top_k: int = 0,
         seed: int = 0,
         chunk_size: int = 16,
+        store_trajectory: bool = True,
         vectorize: str = "auto",
         verbose: bool = True,
     ) -> None:
@@ -180,6 +183,7 @@ class MetaInfluence(Callback):
         self.solver_options = dict(solver_options or {})
         self.on_solver_error = on_solver_error
         self.vectorize = self._vectorize = vectorize
+        self.store_trajectory = store_trajectory
         self.ensemble_copies, self.ensemble_std = ensemble_copies, float(ensemble_std)
         self.weighting, self.pruning = weighting, pruning
         self.corrupted_task_ids = (
@@ -200,7 +204,8 @@ class MetaInfluence(Callback):
         self._ever_scored: Tensor | None = None
         self._rounds_scored: Tensor | None = None
         self._pool_ids: Tensor | None = None
-        self._trace: list[tuple[int, float, Tensor, Tensor]] = []
+        self._accumulator = TracInAccumulator()
+        self._step_reference: Tensor | None = None
         self._batch: Any = None
         self._store: GradientStore | None = None
         self._projection: RandomProjection | None = None
@@ -346,10 +351,21 @@ class MetaInfluence(Callback):
         preconditioner = _adam_preconditioner(optimizer, self._layout, self._raw_params(pl_module))
         if preconditioner is not None:
             grads = grads * preconditioner.to(grads)
-        rows = self._project(grads)
+        if self._step_reference is None:  # ∇f at the start of training, then at each round
+            with torch.enable_grad():
+                self._step_reference = self._reference(pl_module, self._params(pl_module))
         learning_rate = float(optimizer.param_groups[0]["lr"])
         batch_size = len(task_ids) * trainer.world_size  # DDP averages the ranks' meta-gradients
-        self._trace.append((trainer.global_step, learning_rate, batch_size, task_ids, rows.to(torch.float32)))
+        self._accumulator.update(
+            trainer.global_step,
+            learning_rate,
+            task_ids,
+            grads,
+            self._step_reference.to(grads),
+            batch_size=batch_size,
+        )
+        if self.store_trajectory:
+            self._store.append_step(trainer.global_step, learning_rate, task_ids, self._project(grads))
         self.timings["trace_seconds"] += time.perf_counter() - start
 
     def on_train_batch_end(
@@ -492,19 +508,15 @@ class MetaInfluence(Callback):
         scores = torch.zeros(num_tasks, dtype=torch.float64)
         self_influence = torch.zeros(num_tasks, dtype=torch.float64)
         scored = torch.zeros(num_tasks, dtype=torch.bool)
-        if self._trace:
-            reference = self._project(self._reference(pl_module, params)[None])[0]
-            accumulator = TracInAccumulator()  # this round's contributions, summed over rounds by the caller
-            for step, learning_rate, batch_size, task_ids, rows in self._trace:
-                accumulator.update(step, learning_rate, task_ids, rows, reference, batch_size=batch_size)
-                self._store.append_step(step, learning_rate, task_ids, rows)
-            self._store.flush()
-            self._trace.clear()
-            contributions = accumulator.scores()
+        contributions = self._accumulator.scores()
+        if len(contributions.task_ids):
             positions = torch.tensor([self._position_of[int(t)] for t in contributions.task_ids.tolist()])
             scores[positions] = contributions.scores
             self_influence[positions] = contributions.self_influence
             scored[positions] = True
+        self._accumulator = TracInAccumulator()
+        self._store.flush()
+        self._step_reference = self._reference(pl_module, params)  # for the steps until the next round
         return scores, self_influence, scored
 
     def _periodic_round(
@@ -731,6 +743,7 @@ class MetaInfluence(Callback):
             "store": None if self._store is None else self._store.state_dict(),
             "store_root": None if self._root is None else str(self._root),
             "history": [dict(h) for h in self.history],
+            "accumulator": self._accumulator.state_dict(),  # trajectory steps since the last round
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -742,6 +755,8 @@ class MetaInfluence(Callback):
         self._ever_scored = state_dict.get("ever_scored")
         self._pool_ids = state_dict["pool_ids"]
         self._restored_root = state_dict.get("store_root")
+        if state_dict.get("accumulator") is not None:
+            self._accumulator.load_state_dict(state_dict["accumulator"])
         self.history = [dict(h) for h in state_dict.get("history", [])]
 
 

@@ -53,7 +53,7 @@ class MetaInfluence(Callback):
       batch (taken from the module's ``last_task_gradients`` when it exposes them, recomputed otherwise) add
       ``(η_t / B) ⟨∇f, g_k(λ_t)⟩`` to their tasks' scores, exactly (no projection), with ``∇f`` refreshed at
       each round (at the start of training before the first): one reference gradient per round instead of per
-      step. The projected gradients also go to the store (``store_trajectory``).
+      step. With ``store_trajectory=True`` the projected per-step gradients also go to the store.
     * ``"checkpoints"`` (TracInCP): every round scores the pool at the current parameters and adds
       ``η ⟨P∇f, P g_k⟩`` to each task's running sum; the projected gradients are stored as a checkpoint.
     * ``"task_if"``: Ren et al.'s task influence at the current parameters: ``(1/M) g_kᵀ (H + δI)^{-1} ∇f`` with
@@ -91,7 +91,8 @@ class MetaInfluence(Callback):
         seed: seed of the projection, the task sampling and the ensemble noise.
         chunk_size: tasks per vmapped gradient call.
         store_trajectory: in ``"trajectory"`` mode, also write each step's projected per-task gradients to the
-            store (for re-scoring later against other references); scoring itself does not need them.
+            store (to re-score the path later against other references). Off by default: scoring does not need
+            them, and projecting every step costs about as much as a small MAML step (``benchmarks/``).
         vectorize: ``"auto"`` tries ``torch.func.vmap`` over the tasks and falls back to a per-task loop (with a
             warning) when the module's ``task_loss`` cannot be vmapped (e.g. ``higher`` inside); ``"vmap"`` or
             ``"loop"`` force one path.
@@ -136,7 +137,7 @@ class MetaInfluence(Callback):
         sample_top_k: int = 0,
         seed: int = 0,
         chunk_size: int = 16,
-        store_trajectory: bool = True,
+        store_trajectory: bool = False,
         vectorize: str = "auto",
         verbose: bool = True,
     ) -> None:

@@ -198,7 +198,9 @@ def test_failed_solve_warns_and_prunes_nothing(tmp_path):
 def test_resume_keeps_pruned_set_and_store(tmp_path):
     seed_all(0)
     policy = PruningPolicy(fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.2, only_harmful=False)
-    first = MetaInfluence(mode="trajectory", projection_dim=32, pruning=policy, verbose=False)
+    first = MetaInfluence(
+        mode="trajectory", projection_dim=32, pruning=policy, verbose=False, store_trajectory=True
+    )
     dm, _ = digits_setup(task_state=first.task_state)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer(tmp_path, [first, checkpoint], max_epochs=2, enable_checkpointing=True).fit(
@@ -209,7 +211,9 @@ def test_resume_keeps_pruned_set_and_store(tmp_path):
     segments_before = len(GradientStore.open(store).checkpoints())
     assert segments_before == 2  # one trajectory segment per round
 
-    second = MetaInfluence(mode="trajectory", projection_dim=32, pruning=policy, verbose=False)
+    second = MetaInfluence(
+        mode="trajectory", projection_dim=32, pruning=policy, verbose=False, store_trajectory=True
+    )
     dm2, _ = digits_setup(task_state=second.task_state)
     recorder = RecordSampledIds()
     trainer(tmp_path, [second, recorder], max_epochs=3).fit(  # a new logger version, same callback folder

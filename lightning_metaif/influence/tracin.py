@@ -185,28 +185,31 @@ class TracInAccumulator:
         batch = grads.shape[0] if batch_size is None else int(batch_size)
         if batch < 1:
             raise ValueError(f"batch_size must be positive, got {batch}.")
-        grads64 = grads.detach().to(torch.float64).cpu()
-        direction = grads64
+        # Products in the gradients' own dtype and device (a per-step hot path); only the [B] results are
+        # accumulated in float64.
+        grads = grads.detach()
+        direction = grads
         if preconditioner is not None:
-            pre = torch.as_tensor(preconditioner).detach().to(torch.float64).cpu().reshape(-1)
+            pre = torch.as_tensor(preconditioner).detach().to(grads).reshape(-1)
             if pre.numel() != grads.shape[1]:
                 raise ValueError(
                     f"preconditioner has {pre.numel()} entries, gradients have {grads.shape[1]} columns."
                 )
-            direction = grads64 * pre
-        self._self.index_add_(0, positions, learning_rate * (grads64 * direction).sum(1))
+            direction = grads * pre
+        self_products = (grads * direction).sum(1).to(device="cpu", dtype=torch.float64)
+        self._self.index_add_(0, positions, learning_rate * self_products)
         self._counts.index_add_(0, positions, torch.ones_like(positions))
         self.steps += 1
         self.last_step = int(step)
         if reference_gradient is None:
             return None
-        ref = torch.as_tensor(reference_gradient).detach().to(torch.float64).cpu().reshape(-1)
+        ref = torch.as_tensor(reference_gradient).detach().to(direction).reshape(-1)
         if ref.numel() != grads.shape[1]:
             raise ValueError(
                 f"reference_gradient has {ref.numel()} entries, task gradients have {grads.shape[1]}: "
                 "project both with the same projection."
             )
-        contributions = (learning_rate / batch) * (direction @ ref)
+        contributions = (learning_rate / batch) * (direction @ ref).to(device="cpu", dtype=torch.float64)
         self._scores.index_add_(0, positions, contributions)
         return contributions
 

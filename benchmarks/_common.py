@@ -120,5 +120,5 @@ def save_figure(plt: Any, name: str) -> Path:
 
 
 def set_threads(threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(threads)
+    """Default 1 thread: on a shared 2-core machine two intra-op threads made timings erratic (up to 10x)."""
+    torch.set_num_threads(threads or 1)

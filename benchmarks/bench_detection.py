@@ -80,19 +80,19 @@ def task_detection(splits, mode: str, epochs: int) -> list[dict]:
     maml, params, checkpoints = train(batch, epochs)
     configs = {
         "task_if/cg": dict(
-            estimator="task_if", solver="cg", damping=1e-2, solver_options={"max_iterations": 30}
+            estimator="task_if", solver="cg", damping=0.1, solver_options={"max_iterations": 30}
         ),
         "task_if/lissa": dict(
             estimator="task_if",
             solver="lissa",
-            damping=1e-2,
+            damping=0.1,
             solver_options={"iterations": 200, "batch_size": 16, "power_iterations": 5},
         ),
         "task_if/arnoldi": dict(
-            estimator="task_if", solver="arnoldi", damping=1e-2, solver_options={"rank": 20}
+            estimator="task_if", solver="arnoldi", damping=0.1, solver_options={"rank": 20}
         ),
         "direct_if/cg": dict(
-            estimator="direct_if", solver="cg", damping=1e-2, solver_options={"max_iterations": 30}
+            estimator="direct_if", solver="cg", damping=0.1, solver_options={"max_iterations": 30}
         ),
         "tracin (epoch ckpts)": dict(estimator="tracin", checkpoints=checkpoints),
         "ensemble (λ+5 noisy)": dict(estimator="ensemble", noise_copies=5, noise_std=0.01),
@@ -108,7 +108,8 @@ def task_detection(splits, mode: str, epochs: int) -> list[dict]:
                 "seconds": res.diagnostics["seconds"],
             }
         except Exception as error:  # noqa: BLE001 - a failed solve is a result
-            row = {"corruption": mode, "estimator": name, "auroc": float("nan"), "error": str(error)[:160]}
+            row = {"corruption": mode, "estimator": name, "auroc": float("nan"), "error": str(error)[:300]}
+            print(f"  {name} failed: {row['error']}", flush=True)
         rows.append(row)
         print(
             C.table(
@@ -137,16 +138,26 @@ def sample_detection(splits, epochs: int) -> list[dict]:
     pool, corruption = corrupt_tasks(splits.train, 1.0, mode="flip_labels", seed=0, rate=0.05)
     batch, ref = pool.batch(), splits.val.batch()
     maml, params, _ = train(batch, epochs)
-    res = instance_influence(
-        maml,
-        params,
-        batch,
-        ref,
-        solver="cg",
-        damping=1e-2,
-        solver_options={"max_iterations": 30},
-        chunk_size=50,
-    )
+    try:
+        res = instance_influence(
+            maml,
+            params,
+            batch,
+            ref,
+            solver="cg",
+            damping=0.1,
+            solver_options={"max_iterations": 30},
+            chunk_size=50,
+        )
+    except Exception as error:  # noqa: BLE001 - a failed solve is a result, reported
+        return [
+            {
+                "corruption": "flip_labels",
+                "estimator": "instance_if/cg",
+                "auroc": float("nan"),
+                "error": f"{type(error).__name__}: {error}"[:300],
+            }
+        ]
     s_mask = torch.stack(
         [corruption.sample_mask(int(t), "support", batch.support_x.shape[1]) for t in batch.task_ids]
     )

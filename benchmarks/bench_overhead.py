@@ -103,10 +103,13 @@ def main() -> None:
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--modes", nargs="*", default=list(MODES))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--projection-dim", type=int, default=1024, help="0: store unprojected gradients")
+    parser.add_argument("--tag", default="", help="suffix of the result files (keep several runs)")
     args = parser.parse_args()
     C.set_threads(args.threads)
     args.pool, args.epochs, args.pairs = (1000, 5, 5) if args.full else (200, 3, 3)
-    args.projection_dim, args.cg_iterations = 1024, 20
+    args.projection_dim, args.cg_iterations = (args.projection_dim or None), 20
+    name = "bench_overhead" + (f"_{args.tag}" if args.tag else "")
     env = C.environment()
     splits = digits_splits(num_train_tasks=args.pool, num_val_tasks=20, num_test_tasks=10, seed=0)
     num_params = sum(p.numel() for p in small_mlp().parameters())
@@ -151,10 +154,10 @@ def main() -> None:
     )
     print(C.table(rows))
     C.save(
-        "bench_overhead",
+        name,
         {"environment": env, "config": vars(args), "num_params": num_params, "rows": rows, "raw": raw},
     )
-    plt = C.figure("bench_overhead")
+    plt = C.figure(name)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar([r["mode"] for r in rows], [r["ratio"] for r in rows], label="with rounds (amortised)")
     ax.bar(
@@ -165,7 +168,7 @@ def main() -> None:
     ax.set_ylabel("time with / without callback")
     ax.set_title(f"MetaInfluence overhead ({args.pool} tasks, {args.epochs} epochs)")
     ax.legend(fontsize=8)
-    C.save_figure(plt, "bench_overhead")
+    C.save_figure(plt, name)
 
 
 if __name__ == "__main__":

@@ -67,21 +67,25 @@ def offline(splits, epochs: int) -> tuple[list[dict], dict]:
     ]
     estimators = {
         "task_if/cg": dict(
-            estimator="task_if", solver="cg", damping=1e-2, solver_options={"max_iterations": 30}
+            estimator="task_if", solver="cg", damping=0.1, solver_options={"max_iterations": 30}
         ),
         "direct_if/cg": dict(
-            estimator="direct_if", solver="cg", damping=1e-2, solver_options={"max_iterations": 30}
+            estimator="direct_if", solver="cg", damping=0.1, solver_options={"max_iterations": 30}
         ),
         "tracin (epoch ckpts)": dict(estimator="tracin", checkpoints=checkpoints),
         "ensemble": dict(estimator="ensemble", noise_copies=5, noise_std=0.01),
     }
     scores = {}
+    errors = {}
     for name, cfg in estimators.items():
         t = time.perf_counter()
-        scores[name] = (
-            task_influence(maml, params, batch, ref, chunk_size=50, **cfg).scores,
-            time.perf_counter() - t,
-        )
+        try:
+            result = task_influence(maml, params, batch, ref, chunk_size=50, **cfg)
+        except Exception as error:  # noqa: BLE001 - a failed solve is a result, reported
+            errors[name] = f"{type(error).__name__}: {error}"[:300]
+            print(f"  {name} failed: {errors[name]}", flush=True)
+            continue
+        scores[name] = (result.scores, time.perf_counter() - t)
     m = len(batch)
 
     def retrain(keep: torch.Tensor, label: str, removed: str, score_seconds: float) -> dict:
@@ -121,7 +125,7 @@ def offline(splits, epochs: int) -> tuple[list[dict], dict]:
                 "seconds": sum(r["seconds"] for r in rand) / 3,
             }
         )
-    return rows, {"scoring_seconds": {k: v[1] for k, v in scores.items()}}
+    return rows, {"scoring_seconds": {k: v[1] for k, v in scores.items()}, "errors": errors}
 
 
 def online(splits, epochs: int) -> list[dict]:

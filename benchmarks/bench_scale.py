@@ -52,7 +52,7 @@ def store_grid(threads: int | None) -> list[dict]:
                     str(d),
                     "float16",
                 ]
-                cmd += ["--threads", str(threads)] if threads else []
+                cmd += ["--threads", str(threads or 1)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
                 row = {
@@ -87,7 +87,7 @@ def influence_vs_training(sizes: list[int], epochs: int) -> list[dict]:
             batch,
             ref,
             solver="cg",
-            damping=1e-2,
+            damping=0.1,
             chunk_size=64,
             solver_options={"max_iterations": 10},
         )

@@ -58,6 +58,7 @@ def one_run(splits, args, mode: str | None, workdir: str) -> dict:
             store_dir=os.path.join(workdir, "metaif"),
             projection_dim=args.projection_dim,
             solver_options={"max_iterations": args.cg_iterations},
+            **({"store_trajectory": True} if args.store_trajectory else {}),
             verbose=False,
         )
         callbacks.append(influence)
@@ -104,6 +105,9 @@ def main() -> None:
     parser.add_argument("--modes", nargs="*", default=list(MODES))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--projection-dim", type=int, default=1024, help="0: store unprojected gradients")
+    parser.add_argument(
+        "--store-trajectory", action="store_true", help="trajectory mode also writes each step to the store"
+    )
     parser.add_argument("--tag", default="", help="suffix of the result files (keep several runs)")
     args = parser.parse_args()
     C.set_threads(args.threads)

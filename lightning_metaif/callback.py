@@ -213,6 +213,7 @@ class MetaInfluence(Callback):
         self._layout: ParamLayout | None = None
         self._root: Path | None = None
         self._restored_root: str | None = None
+        self._solve_metrics: dict[str, float] = {}
         self._log_dir: str | None = None
         self._writer: Any = None
         self._dashboards: dict[int, Any] = {}
@@ -562,6 +563,17 @@ class MetaInfluence(Callback):
                 scores[mine] = float("nan")
                 return scores, self_influence, scored
             scores[mine] = (grads @ result.solution).double() / num_tasks
+            self._solve_metrics = {
+                "influence/solver_iterations": float(result.iterations),
+                "influence/solver_residual": float(result.residual),
+                "influence/solver_converged": float(result.converged),
+            }
+            if not result.converged:
+                rank_zero_warn(
+                    f"MetaInfluence round {self.rounds}: the {self.solver} solve stopped at relative residual "
+                    f"{result.residual:.2e} after {result.iterations} iterations (not converged); scores are "
+                    "approximate. Raise solver_options['max_iterations'] or the damping."
+                )
         elif self.mode == "checkpoints":
             learning_rate = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else 1.0
             rows = self._gradients(pl_module, params, tasks, transform=self._project)
@@ -697,7 +709,7 @@ class MetaInfluence(Callback):
     def _publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round_: ScoreRound) -> None:
         from lightning_metaif.dashboards.metrics import round_metrics
 
-        metrics = round_metrics(round_)
+        metrics = round_metrics(round_) | self._solve_metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             dashboard = self._dashboard_for(logger)

@@ -177,6 +177,8 @@ def test_periodic_modes_score_the_pool(tmp_path, mode):
     dm, _ = digits_setup(corrupt=0)
     trainer(tmp_path, [influence], max_epochs=2).fit(tiny_maml(), datamodule=dm)
     assert influence.rounds == 2
+    if mode == "task_if":  # solver diagnostics reach the loggers
+        assert {"influence/solver_iterations", "influence/solver_residual"} <= set(influence.history[-1])
     scored = influence.result.scores != 0
     assert int(scored.sum()) >= 24 and torch.isfinite(influence.result.scores).all()
 

@@ -363,7 +363,9 @@ class ClassificationTaskPool(TaskPool):
 
     def _fetch(self, index: Tensor) -> Tensor:
         if self._is_tensor:  # index_select: advanced indexing was ~2000x slower in some multi-thread runs
-            return self._inputs.index_select(0, index.reshape(-1)).reshape(*index.shape, *self._inputs.shape[1:])
+            return self._inputs.index_select(0, index.reshape(-1)).reshape(
+                *index.shape, *self._inputs.shape[1:]
+            )
         return torch.stack([_to_tensor(self._inputs[int(i)][0]) for i in index.tolist()])
 
     def task_indices(self, task_id: int) -> tuple[Tensor, Tensor]:

@@ -122,3 +122,35 @@ def save_figure(plt: Any, name: str) -> Path:
 def set_threads(threads: int | None) -> None:
     """Default 1 thread: on a shared 2-core machine two intra-op threads made timings erratic (up to 10x)."""
     torch.set_num_threads(threads or 1)
+
+
+def fit_quietly(
+    model: Any,
+    datamodule: Any,
+    *,
+    max_epochs: int,
+    callbacks: list | None = None,
+    default_root_dir: str | None = None,
+) -> tuple[Any, float]:
+    """Fit on the CPU with no logger, progress bar, checkpoint or validation; return (trainer, seconds)."""
+    import warnings
+
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=default_root_dir,
+        callbacks=callbacks or [],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=datamodule)
+        return trainer, time.perf_counter() - start

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 
 import _common as C
 import torch
@@ -157,20 +156,7 @@ def part_b(args) -> dict:
     maml = MAML(small_mlp(), inner_lr=0.5, outer_lr=5e-3)
     timer = EpochTimer().cb
     dm = MetaDataModule(pool, val, batch_size=16, seed=0)
-    trainer = pl.Trainer(
-        max_epochs=args.epochs,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[timer],
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(maml, datamodule=dm)
+    C.fit_quietly(maml, dm, max_epochs=args.epochs, callbacks=[timer])
     lightning_epochs = timer.times[1:] if len(timer.times) > 1 else timer.times  # first epoch warms up
     train_batch = pool.batch()
     ref_batch = val.batch()

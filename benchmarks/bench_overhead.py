@@ -19,8 +19,6 @@ import argparse
 import os
 import shutil
 import tempfile
-import time
-import warnings
 
 import _common as C
 import lightning.pytorch as pl
@@ -70,23 +68,9 @@ def one_run(splits, args, mode: str | None, workdir: str) -> dict:
         task_state=None if influence is None else influence.task_state,
     )
     maml = MAML(small_mlp(), inner_lr=0.5, outer_lr=5e-3, num_ways=5)
-    trainer = pl.Trainer(
-        max_epochs=args.epochs,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=workdir,
-        callbacks=callbacks,
+    trainer, seconds = C.fit_quietly(
+        maml, dm, max_epochs=args.epochs, callbacks=callbacks, default_root_dir=workdir
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        start = time.perf_counter()
-        trainer.fit(maml, datamodule=dm)
-        seconds = time.perf_counter() - start
     out = {"seconds": seconds, "steps": trainer.global_step}
     if influence is not None:
         out.update(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-import warnings
 
 import _common as C
 import torch
@@ -159,23 +158,9 @@ def online(splits, epochs: int) -> list[dict]:
             task_state=None if influence is None else influence.task_state,
         )
         maml = MAML(small_mlp(), inner_lr=0.5, outer_lr=5e-3, num_ways=5)
-        trainer = pl.Trainer(
-            max_epochs=epochs,
-            accelerator="cpu",
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            logger=False,
-            enable_checkpointing=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            default_root_dir=tempfile.mkdtemp(),
-            callbacks=cbs,
+        _, secs = C.fit_quietly(
+            maml, dm, max_epochs=epochs, callbacks=cbs, default_root_dir=tempfile.mkdtemp()
         )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            t = time.perf_counter()
-            trainer.fit(maml, datamodule=dm)
-            secs = time.perf_counter() - t
         row = {
             "method": "online pruning (trajectory)" if with_cb else "no callback",
             "test_acc": accuracy(maml, maml.meta_parameters(), test),

@@ -26,15 +26,6 @@ from lightning_metaif.influence.tracin import TracInAccumulator
 L2 = 0.1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tiny problems are dispatch-bound: extra intra-op threads only add contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def setup():
     """A 2-step MAML MLP classifier trained to convergence (total Hessian PD thanks to the L2 term)."""

@@ -29,15 +29,6 @@ TRAINER_KW = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: one intra-op thread is as fast, and on a loaded 2-core machine 10-30x faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def classification_tasks(num_tasks=4, support=5, query=7, dim=6, ways=3, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     return TaskBatch(

@@ -23,14 +23,6 @@ from lightning_metaif.influence.retraining import (
 L2 = 0.1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def agreement(scores, truth):
     scores, truth = torch.as_tensor(scores).reshape(-1), torch.as_tensor(truth).reshape(-1)
     return (

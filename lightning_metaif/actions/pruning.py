@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-
-@dataclass
-class PruneDecision:
-    """What a policy decided in one round: ids to prune now (may be empty) and why."""
-
-    task_ids: list[int]
-    reason: str
-    step: int = 0
-    epoch: int = 0
-    action: str = "prune"
-    details: dict = field(default_factory=dict)
+from lightning_metaif.dashboards.round import Decision
 
 
 @dataclass(frozen=True)
@@ -72,7 +62,7 @@ class PruningPolicy:
         pool_size: int | None = None,
         step: int = 0,
         epoch: int = 0,
-    ) -> PruneDecision:
+    ) -> Decision:
         """Ids to prune this round (never already-pruned ids), given the round's scores.
 
         ``round_index`` counts scoring rounds from 1; ``pool_size`` is the original pool size (defaults to
@@ -84,8 +74,8 @@ class PruningPolicy:
             raise ValueError(f"task_ids {tuple(ids.shape)} and scores {tuple(scores.shape)} must be aligned.")
         pool_size = int(pool_size or len(ids))
 
-        def skip(reason: str) -> PruneDecision:
-            return PruneDecision([], reason, step, epoch, action="skip")
+        def skip(reason: str) -> Decision:
+            return Decision(step, epoch, "skip", [], reason)
 
         if not torch.isfinite(scores).all():
             bad = ids[~torch.isfinite(scores)].tolist()
@@ -122,10 +112,10 @@ class PruningPolicy:
             rule.append(f"score < {self.threshold:g}")
         if self.only_harmful:
             rule.append("score < 0")
-        return PruneDecision(
-            chosen,
-            f"{', '.join(rule)}; at most {self.max_fraction_per_round:.0%} per round",
+        return Decision(
             step,
             epoch,
-            details={"scores": scores[candidates][order][:budget].tolist()},
+            "prune",
+            chosen,
+            f"{', '.join(rule)}; at most {self.max_fraction_per_round:.0%} per round",
         )

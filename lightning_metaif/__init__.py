@@ -32,7 +32,7 @@ _EXPORTS: dict[str, str] = {
     "InstanceInfluenceResult": "lightning_metaif.influence.instance",
     "parameter_change": "lightning_metaif.influence.estimators",
     "tracin_scores": "lightning_metaif.influence.estimators",
-    "InfluenceResult": "lightning_metaif.influence.estimators",
+    "InfluenceResult": "lightning_metaif.influence.results",
     "Checkpoint": "lightning_metaif.influence.tracin",
     "TracInAccumulator": "lightning_metaif.influence.tracin",
     # meta-learning building blocks

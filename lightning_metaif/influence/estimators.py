@@ -14,109 +14,41 @@ Every estimator returns an :class:`InfluenceResult` whose ``scores`` follow the 
 * ``self``: self-influence ``g_kᵀ (H + δI)^{-1} g_k`` without a reference set. High self-influence flags
   unusual or mislabelled tasks, so to keep "lowest score = most suspicious" the ``scores`` are the
   *negated* self-influence; the positive values are in ``self_influence``.
+
+The result record lives in :mod:`~lightning_metaif.influence.results`, the damped curvature and its solves in
+:mod:`~lightning_metaif.influence.curvature`, the shared argument checks in
+:mod:`~lightning_metaif.influence.arguments`; their public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_metaif.influence.arguments import (
+    DEFAULT_DAMPING,
+    ESTIMATORS,
+    check_common,
+    check_reference,
+    task_weight_vector,
+)
+from lightning_metaif.influence.curvature import DampedCurvature, solve_diagnostics
 from lightning_metaif.influence.gradients import (
     Utility,
     Vectorize,
     per_task_gradients,
     reference_gradient,
 )
-from lightning_metaif.influence.hessian import Curvature, TotalHessian
+from lightning_metaif.influence.hessian import Curvature
 from lightning_metaif.influence.problem import ParamLayout, Params, check_problem, trainable
-from lightning_metaif.influence.solvers import SOLVERS, DenseMatrix, SolverError, SolveResult, solve
+from lightning_metaif.influence.results import InfluenceResult
+from lightning_metaif.influence.solvers import SolveResult
 from lightning_metaif.influence.tasks import Tasks, resolve_task_ids, select_tasks
 from lightning_metaif.influence.tracin import Checkpoint, Projection, point_scores
-
-ESTIMATORS = ("task_if", "direct_if", "tracin", "ensemble", "self")
-
-DEFAULT_DAMPING = 1e-3
-"""Default ``δ`` in ``(H + δI)``: small against the curvature of a mean task loss (O(0.1-10) per direction
-for well-scaled models), so it barely biases PD problems, yet it keeps CG away from near-zero directions.
-Raise it (1e-2 to 1e-1) for non-convex networks whose total Hessian has negative eigenvalues."""
-
-
-# --- results ---------------------------------------------------------------------------------------------
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach().cpu().tolist()
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return f"<{type(value).__name__}>"  # e.g. a reusable LowRankInverse from the arnoldi solver
-
-
-@dataclass
-class InfluenceResult:
-    """Scores of one estimator for a pool of tasks (``scores[i]`` belongs to ``task_ids[i]``).
-
-    Example:
-        >>> import torch
-        >>> r = InfluenceResult(torch.tensor([10, 11, 12]), torch.tensor([0.5, -1.0, 2.0]), estimator="task_if")
-        >>> r.ranking().tolist(), len(r)
-        ([11, 10, 12], 3)
-    """
-
-    task_ids: Tensor
-    scores: Tensor
-    self_influence: Tensor | None = None
-    estimator: str = ""
-    diagnostics: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.task_ids = torch.as_tensor(self.task_ids).to(torch.long).cpu().reshape(-1)
-        self.scores = torch.as_tensor(self.scores).detach().cpu().reshape(-1)
-        if self.scores.shape != self.task_ids.shape:
-            raise ValueError(
-                f"scores has {self.scores.numel()} entries for {self.task_ids.numel()} task ids; they must align."
-            )
-        if self.self_influence is not None:
-            self.self_influence = torch.as_tensor(self.self_influence).detach().cpu().reshape(-1)
-            if self.self_influence.shape != self.task_ids.shape:
-                raise ValueError("self_influence must have one entry per task id.")
-
-    def __len__(self) -> int:
-        return int(self.task_ids.numel())
-
-    def ranking(self) -> Tensor:
-        """Task ids ordered from most harmful (lowest score) to most helpful (stable for ties)."""
-        order = torch.argsort(self.scores, stable=True)
-        return self.task_ids[order]
-
-    def as_dict(self) -> dict[int, float]:
-        """``{task_id: score}``."""
-        return dict(zip(self.task_ids.tolist(), self.scores.tolist()))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain Python (JSON-serialisable) form: lists, floats, nested diagnostics."""
-        return {
-            "estimator": self.estimator,
-            "task_ids": self.task_ids.tolist(),
-            "scores": self.scores.tolist(),
-            "self_influence": None if self.self_influence is None else self.self_influence.tolist(),
-            "diagnostics": _jsonable(self.diagnostics),
-        }
-
-
-# --- direct-IF view --------------------------------------------------------------------------------------
 
 
 class DirectProblem:
@@ -160,87 +92,6 @@ class DirectProblem:
 
 
 # --- shared machinery ------------------------------------------------------------------------------------
-
-
-def _check_common(estimator: str, solver: str, damping: float) -> None:
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"Unknown estimator {estimator!r}; choose one of {ESTIMATORS}.")
-    if solver not in SOLVERS:
-        raise ValueError(f"Unknown solver {solver!r}; choose one of {SOLVERS}.")
-    if not (damping >= 0) or not math.isfinite(damping):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping}.")
-
-
-def _check_reference(reference_tasks: Any, utility: Any, needed: bool, estimator: str) -> None:
-    if needed and (reference_tasks is None) == (utility is None):
-        raise ValueError(
-            f"estimator={estimator!r} needs exactly one reference objective: `reference_tasks` (held-out tasks "
-            "whose mean query loss is f) or `utility` (a differentiable function params -> scalar)."
-        )
-    if not needed and (reference_tasks is not None or utility is not None):
-        raise ValueError(
-            "estimator='self' uses no reference objective: drop `reference_tasks` / `utility` (or choose "
-            "another estimator and set with_self_influence=True)."
-        )
-
-
-def _task_weights(task_weights: Any, num_tasks: int, like: Tensor) -> Tensor:
-    if task_weights is None:
-        return torch.ones(num_tasks, dtype=like.dtype, device=like.device)
-    weights = torch.as_tensor(task_weights, dtype=like.dtype, device=like.device).reshape(-1)
-    if weights.numel() != num_tasks:
-        raise ValueError(
-            f"task_weights has {weights.numel()} entries for {num_tasks} tasks; give one per task."
-        )
-    return weights
-
-
-class _Curvature:
-    """The damped total Hessian and its solves; the dense matrix is materialised once and reused."""
-
-    def __init__(
-        self, problem: Any, params: Params, tasks: Tasks, *, solver: str, damping: float, **kwargs: Any
-    ):
-        self.solver, self.damping = solver, damping
-        self.options = dict(kwargs.pop("solver_options", None) or {})
-        self.operator: Any = TotalHessian(problem, params, tasks, **kwargs)
-        if solver == "dense":
-            self.operator = DenseMatrix(self.operator.dense())
-        self.products = 0
-
-    def solve(self, rhs: Tensor) -> SolveResult:
-        result = solve(self.operator, rhs, method=self.solver, damping=self.damping, **self.options)
-        self.products += int(result.extra.get("products", result.iterations))
-        if self.solver == "arnoldi" and "inverse" in result.extra:
-            self.options.setdefault("inverse", result.extra["inverse"])  # later solves reuse the eigenpairs
-        return result
-
-    def quadratic_forms(self, rows: Tensor) -> Tensor:
-        """``g_kᵀ (H + δI)^{-1} g_k`` for each row (one solve per row; one eigendecomposition for dense)."""
-        if self.solver == "identity":
-            return (rows * rows).sum(1)
-        if self.solver == "dense":
-            eigenvalues, eigenvectors = torch.linalg.eigh(self.operator.matrix)
-            shifted = eigenvalues + self.damping
-            if float(shifted.min()) <= 0:
-                raise SolverError(
-                    f"H + δI is not positive definite (smallest eigenvalue {float(shifted.min()):.3e} with "
-                    f"δ={self.damping:g}): raise the damping above {-float(eigenvalues.min()):.3e}, or add an L2 term."
-                )
-            coords = rows @ eigenvectors
-            return (coords * coords / shifted).sum(1)
-        return torch.stack([row @ self.solve(row).solution for row in rows])
-
-
-def _solve_diagnostics(result: SolveResult) -> dict[str, Any]:
-    return {
-        "solver": result.solver,
-        "damping": result.damping,
-        "iterations": result.iterations,
-        "residual": result.residual,
-        "converged": result.converged,
-        "solver_extra": dict(result.extra),
-    }
 
 
 def _noisy(params: Params, std: float, generator: torch.Generator) -> Params:
@@ -324,9 +175,9 @@ def task_influence(
         >>> [round(s, 4) for s in result.scores.tolist()]  # tasks pulling w towards 1 help
         [0.3333, 0.6667, -1.0]
     """
-    _check_common(estimator, solver, damping)
+    check_common(estimator, solver, damping)
     check_problem(problem)
-    _check_reference(reference_tasks, utility, estimator != "self", estimator)
+    check_reference(reference_tasks, utility, estimator != "self", estimator)
     if noise_copies < 0 or noise_std < 0:
         raise ValueError("noise_copies and noise_std must be >= 0.")
     if noise_copies and estimator != "ensemble":
@@ -350,7 +201,7 @@ def task_influence(
     ids = resolve_task_ids(train_tasks, task_ids)
     num_tasks = len(ids)
     like = next(iter(params.values()))
-    weights = _task_weights(task_weights, num_tasks, like)
+    weights = task_weight_vector(task_weights, num_tasks, like)
     engine = {"chunk_size": chunk_size, "vectorize": vectorize}
     diagnostics: dict[str, Any] = {
         "estimator": estimator,
@@ -394,7 +245,7 @@ def task_influence(
         diagnostics["gradient_seconds"] = time.perf_counter() - t0
         diagnostics["mean_task_loss"] = float(losses.mean())
         diagnostics["curvature"] = curvature
-        curv = _Curvature(
+        curv = DampedCurvature(
             target,
             params,
             train_tasks,
@@ -422,7 +273,7 @@ def task_influence(
                 result = SolveResult(ref_grad, "identity", damping, 0, float("nan"), True)
             else:
                 result = curv.solve(ref_grad)
-            diagnostics.update(_solve_diagnostics(result), solve_seconds=time.perf_counter() - t0)
+            diagnostics.update(solve_diagnostics(result), solve_seconds=time.perf_counter() - t0)
             scores = weights * (grads @ result.solution) / num_tasks
             if with_self_influence:
                 self_influence = curv.quadratic_forms(grads) * weights
@@ -545,7 +396,7 @@ def parameter_change(
         >>> delta["w"].tolist()  # first order; retraining on task 5 alone gives 1.0
         [0.5]
     """
-    _check_common("task_if", solver, damping)
+    check_common("task_if", solver, damping)
     check_problem(problem)
     params = trainable(params)
     ids = resolve_task_ids(train_tasks, task_ids)
@@ -555,14 +406,14 @@ def parameter_change(
     if unknown or remove.numel() == 0:
         raise ValueError(f"task_ids_to_remove must be ids of the pool; unknown or empty: {unknown[:10]}.")
     like = next(iter(params.values()))
-    weights = _task_weights(task_weights, len(ids), like)
+    weights = task_weight_vector(task_weights, len(ids), like)
     index = torch.tensor([position[int(k)] for k in remove.tolist()], dtype=torch.long)
     engine = {"chunk_size": chunk_size, "vectorize": vectorize}
     grads, _ = per_task_gradients(
         problem, params, select_tasks(train_tasks, index), task_ids=ids[index], **engine
     )
     rhs = (weights[index.to(weights.device)][:, None] * grads).sum(0)
-    curv = _Curvature(
+    curv = DampedCurvature(
         problem,
         params,
         train_tasks,
@@ -582,6 +433,7 @@ __all__ = [
     "DEFAULT_DAMPING",
     "ESTIMATORS",
     "Checkpoint",
+    "DampedCurvature",
     "DirectProblem",
     "InfluenceResult",
     "parameter_change",

@@ -22,18 +22,17 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
-from lightning_metaif.influence.estimators import (
+from lightning_metaif.influence.arguments import (
     DEFAULT_DAMPING,
-    _check_common,
-    _check_reference,
-    _Curvature,
-    _jsonable,
-    _solve_diagnostics,
-    _task_weights,
+    check_common,
+    check_reference,
+    task_weight_vector,
 )
+from lightning_metaif.influence.curvature import DampedCurvature, solve_diagnostics
 from lightning_metaif.influence.gradients import Utility, Vectorize, reference_gradient, use_vmap
 from lightning_metaif.influence.hessian import Curvature
 from lightning_metaif.influence.problem import ParamLayout, Params, check_problem, detached, trainable
+from lightning_metaif.influence.results import jsonable
 from lightning_metaif.influence.tasks import Task, TaskBatch, Tasks, iter_chunks, resolve_task_ids
 
 Scores = Tensor | list[Tensor]
@@ -79,9 +78,9 @@ class InstanceInfluenceResult:
         return {
             "estimator": self.estimator,
             "task_ids": self.task_ids.tolist(),
-            "support_scores": _jsonable(list(self.support_scores)),
-            "query_scores": _jsonable(list(self.query_scores)),
-            "diagnostics": _jsonable(self.diagnostics),
+            "support_scores": jsonable(list(self.support_scores)),
+            "query_scores": jsonable(list(self.query_scores)),
+            "diagnostics": jsonable(self.diagnostics),
         }
 
 
@@ -136,19 +135,19 @@ def instance_influence(
         >>> out.query_scores.tolist()  # the sample at y=1 helps the reference (y=1), the other harms it
         [[0.5, -0.5]]
     """
-    _check_common("task_if", solver, damping)
+    check_common("task_if", solver, damping)
     check_problem(problem)
-    _check_reference(reference_tasks, utility, True, "instance_if")
+    check_reference(reference_tasks, utility, True, "instance_if")
     start = time.perf_counter()
     params = trainable(params)
     layout = ParamLayout.of(params)
     ids = resolve_task_ids(train_tasks, task_ids)
     num_tasks = len(ids)
     like = next(iter(params.values()))
-    weights = _task_weights(task_weights, num_tasks, like)
+    weights = task_weight_vector(task_weights, num_tasks, like)
     engine = {"chunk_size": chunk_size, "vectorize": vectorize}
     ref_grad, ref_value = reference_gradient(problem, params, reference_tasks, utility=utility, **engine)
-    curv = _Curvature(
+    curv = DampedCurvature(
         problem,
         params,
         train_tasks,
@@ -186,7 +185,7 @@ def instance_influence(
         "curvature": curvature,
         "reference_value": float(ref_value),
         "reference_grad_norm": float(ref_grad.norm()),
-        **_solve_diagnostics(result),
+        **solve_diagnostics(result),
         "solve_seconds": solve_seconds,
         "sample_seconds": time.perf_counter() - t0,
         "seconds": time.perf_counter() - start,

@@ -24,6 +24,7 @@ from lightning_metaif.influence.gradients import (
     reference_gradient,
 )
 from lightning_metaif.influence.problem import ParamLayout, Params, trainable
+from lightning_metaif.influence.results import InfluenceResult
 from lightning_metaif.influence.tasks import Tasks
 
 Projection = Callable[[Tensor], Tensor]
@@ -213,10 +214,8 @@ class TracInAccumulator:
         self._scores.index_add_(0, positions, contributions)
         return contributions
 
-    def scores(self) -> Any:
-        """The accumulated scores as an :class:`~lightning_metaif.influence.estimators.InfluenceResult`."""
-        from lightning_metaif.influence.estimators import InfluenceResult
-
+    def scores(self) -> InfluenceResult:
+        """The accumulated scores as an :class:`~lightning_metaif.influence.results.InfluenceResult`."""
         ids = torch.tensor(list(self._index), dtype=torch.long)
         return InfluenceResult(
             task_ids=ids,

@@ -203,3 +203,38 @@ def test_fit_with_the_example_config_runs_and_prunes(tmp_path):
     # ground truth handed over from DigitsDataModule.corrupted_task_ids
     assert influence.corrupted_task_ids == set(cli.datamodule.corrupted_task_ids)
     assert "influence/auroc" in influence.history[-1]
+
+
+def test_help_imports_neither_torch_nor_lightning():
+    """`lightning-metaif --help` (and each light subcommand's help) must answer without the heavy imports."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from lightning_metaif.cli import main\n"
+        "for argv in (['--help'], ['demo', '--help'], ['report', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted(m for m in ('torch', 'lightning', 'numpy', 'wandb') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env=_env_with_root(),
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-2000:]
+    assert "usage: lightning-metaif" in out.stdout
+
+
+def _env_with_root() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env

@@ -20,7 +20,6 @@ import csv
 import io
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from lightning_metaif._io import atomic_write
 from lightning_metaif.dashboards.metrics import round_metrics
 from lightning_metaif.dashboards.round import Decision, SampleScore, ScoreRound
 
@@ -75,20 +75,6 @@ def _csv_text(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     for row in rows:
         writer.writerow([_fmt(v) for v in row])
     return buffer.getvalue()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _append(path: Path, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
@@ -160,11 +146,11 @@ class RoundFileWriter:
             "decisions": d / "decisions.csv",
             "metrics": d / "metrics.csv",
         }
-        _atomic_write(paths["scores"], scores_csv_text(round))
+        atomic_write(paths["scores"], scores_csv_text(round))
         if round.sample_rows:
             paths["samples"] = d / f"samples_round_{k:04d}.csv"
             rows = ([s.task_id, s.split, s.index, s.score, s.label] for s in round.sample_rows)
-            _atomic_write(paths["samples"], _csv_text(SAMPLE_COLUMNS, rows))
+            atomic_write(paths["samples"], _csv_text(SAMPLE_COLUMNS, rows))
         _append(
             paths["history"],
             HISTORY_COLUMNS,
@@ -197,7 +183,7 @@ class RoundFileWriter:
         columns = list(METRIC_HEAD)
         for row in self._metrics:
             columns += [c for c in row if c not in columns]
-        _atomic_write(
+        atomic_write(
             paths["metrics"], _csv_text(columns, ([row.get(c) for c in columns] for row in self._metrics))
         )
         self.next_round = k + 1

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from lightning_metaif._io import atomic_write
 from lightning_metaif.dashboards.files import RunFiles, load_run
 from lightning_metaif.dashboards.round import ScoreRound
 
@@ -471,7 +472,5 @@ def build_report(
     path = Path(output) if output is not None else root / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     text = render_report(runs, summary, title=title or f"lightning-metaif report: {root.resolve().name}")
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text)
     return path

@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,6 +28,9 @@ from lightning_metaif.influence.gradients import (
 from lightning_metaif.influence.problem import ParamLayout, Params, trainable
 from lightning_metaif.influence.results import InfluenceResult
 from lightning_metaif.influence.tasks import Tasks
+
+if TYPE_CHECKING:
+    from lightning_metaif.influence.store import CheckpointInfo, GradientStore
 
 Projection = Callable[[Tensor], Tensor]
 
@@ -242,3 +247,197 @@ class TracInAccumulator:
         self._counts = state["counts"].clone().to(torch.long)
         self.steps = int(state["steps"])
         self.last_step = state["last_step"]
+
+
+# ---------------------------------------------------------------------------- TracIn over a gradient store
+Reference = Tensor | Mapping[int, Tensor] | Callable[[int], "Tensor | None"]
+
+
+@dataclass
+class TracInResult:
+    """TracIn(CP) scores accumulated per task id (positive = the task helped reduce the reference loss).
+
+    ``counts[i]`` is the number of stored rows (checkpoints x occurrences) that contributed to ``scores[i]``.
+    """
+
+    task_ids: Tensor
+    scores: Tensor
+    counts: Tensor
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+def store_tracin(
+    store: GradientStore,
+    reference: Reference,
+    *,
+    checkpoints: Sequence[CheckpointInfo] | None = None,
+    task_ids: Any = None,
+    match: Literal["exact", "previous", "nearest"] = "exact",
+    per_step_mean: bool = False,
+) -> TracInResult:
+    """TracIn / TracInCP scores ``Σ lr · ⟨∇f(λ_step), g_k⟩`` over stored rows, accumulated per task id.
+
+    Args:
+        reference: the (projected, same projection) gradient of the reference loss ``f``: one tensor ``[dim]``
+            for every step, a mapping ``step -> [dim]`` (resolved with ``match``), or a callable
+            ``step -> [dim] | None`` (``None`` skips the rows of that step).
+        checkpoints: files to use (default: all; checkpoints and trajectory segments).
+        task_ids: return scores aligned to these ids (ids never stored get 0); default: every stored id, sorted.
+        match: for a mapping: ``"exact"`` (a missing step raises), ``"previous"`` (latest key <= step) or
+            ``"nearest"`` key.
+        per_step_mean: divide the learning rate of each trajectory row by the number of rows recorded at its
+            step (TracIn's ``η_t / B`` when the whole meta-batch of ``B`` tasks was appended).
+            Checkpoints always use ``η_c`` (TracInCP).
+
+    The store streams the rows (:meth:`~lightning_metaif.influence.store.GradientStore.iter_blocks`); dots are
+    computed in float32 and accumulated in float64. Sign convention: a positive score means the task helped
+    reduce ``f``.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from lightning_metaif.influence.store import GradientStore
+        >>> store = GradientStore(tempfile.mkdtemp(), dim=2, dtype=torch.float32)
+        >>> _ = store.write_checkpoint(5, 0.5, [10, 11], torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        >>> r = store_tracin(store, torch.tensor([1.0, 1.0]))
+        >>> r.task_ids.tolist(), r.scores.tolist()
+        ([10, 11], [0.5, 1.0])
+    """
+    from lightning_metaif.influence.store.format import as_task_ids
+
+    t0 = time.perf_counter()
+    infos = list(store.checkpoints() if checkpoints is None else checkpoints)
+    resolve = _reference_resolver(store, reference, match)
+    step_counts: dict[int, int] = {}
+    if per_step_mean:
+        for info in infos:
+            if info.kind == "segment":
+                steps, _ = store.read_steps(info)
+                uniq, counts = np.unique(steps.numpy(), return_counts=True)
+                for s, c in zip(uniq.tolist(), counts.tolist()):
+                    step_counts[s] = step_counts.get(s, 0) + c
+    acc_ids = np.empty(0, dtype=np.int64)
+    acc_scores = np.empty(0, dtype=np.float64)
+    acc_counts = np.empty(0, dtype=np.int64)
+    skipped: set[int] = set()
+    rows_used = 0
+    for info in infos:
+        part_ids, part_scores = [], []
+        cache: dict[int, Tensor | None] = {}
+
+        def ref(step: int, cache: dict[int, Tensor | None] = cache) -> Tensor | None:
+            if step not in cache:
+                cache[step] = resolve(step)
+                if cache[step] is None:
+                    skipped.add(step)
+            return cache[step]
+
+        for _, _, block, ids, steps, lrs in store.iter_blocks(info, columns=True):
+            if info.kind == "checkpoint":
+                vec = ref(info.step)
+                if vec is None:
+                    break
+                contrib = (block @ vec).double().numpy() * info.learning_rate
+                keep = slice(None)
+            else:
+                uniq, inv = np.unique(steps, return_inverse=True)
+                refs = [ref(int(s)) for s in uniq]
+                ok = np.array([r is not None for r in refs])
+                if not ok.any():
+                    continue
+                mat = torch.stack([r if r is not None else torch.zeros(store.dim) for r in refs])
+                dots = torch.einsum("nd,nd->n", block, mat[torch.from_numpy(inv.reshape(-1))])
+                weights = lrs.copy()
+                if per_step_mean:
+                    weights /= np.array([step_counts[int(s)] for s in uniq], dtype=np.float64)[
+                        inv.reshape(-1)
+                    ]
+                contrib = dots.double().numpy() * weights
+                keep = ok[inv.reshape(-1)]
+            part_ids.append(ids[keep])
+            part_scores.append(contrib[keep])
+        if not part_ids:
+            continue
+        ids_all = np.concatenate(part_ids + [acc_ids])
+        scores_all = np.concatenate(part_scores + [acc_scores])
+        counts_all = np.concatenate([np.ones(sum(p.shape[0] for p in part_ids), dtype=np.int64), acc_counts])
+        rows_used += ids_all.shape[0] - acc_ids.shape[0]
+        acc_ids, inv = np.unique(ids_all, return_inverse=True)
+        inv = inv.reshape(-1)
+        acc_scores = np.bincount(inv, weights=scores_all, minlength=acc_ids.shape[0])
+        acc_counts = np.bincount(inv, weights=counts_all, minlength=acc_ids.shape[0]).astype(np.int64)
+    if task_ids is not None:
+        want = as_task_ids(task_ids)
+        scores, counts = np.zeros(want.shape[0]), np.zeros(want.shape[0], dtype=np.int64)
+        if acc_ids.size:
+            pos = np.searchsorted(acc_ids, want).clip(max=acc_ids.size - 1)
+            found = acc_ids[pos] == want
+            scores[found], counts[found] = acc_scores[pos[found]], acc_counts[pos[found]]
+        acc_ids, acc_scores, acc_counts = want, scores, counts
+    return TracInResult(
+        task_ids=torch.from_numpy(np.ascontiguousarray(acc_ids, dtype=np.int64)),
+        scores=torch.from_numpy(np.ascontiguousarray(acc_scores, dtype=np.float64)),
+        counts=torch.from_numpy(np.ascontiguousarray(acc_counts, dtype=np.int64)),
+        diagnostics={
+            "files": len(infos),
+            "rows_used": rows_used,
+            "skipped_steps": sorted(skipped)[:100],
+            "num_skipped_steps": len(skipped),
+            "seconds": time.perf_counter() - t0,
+        },
+    )
+
+
+def _reference_resolver(
+    store: GradientStore, reference: Reference, match: str
+) -> Callable[[int], Tensor | None]:
+    if match not in ("exact", "previous", "nearest"):
+        raise ValueError(f"match must be 'exact', 'previous' or 'nearest', got {match!r}.")
+
+    def prep(v: Any, step: int) -> Tensor:
+        v = store.check_vectors(v, torch.float32)
+        if v.dim() != 1:
+            raise ValueError(
+                f"reference for step {step} must have shape [{store.dim}], got {tuple(v.shape)}."
+            )
+        return v
+
+    if isinstance(reference, Tensor):
+        vec = prep(reference, -1)
+        return lambda step: vec
+    if isinstance(reference, Mapping):
+        keys = np.array(sorted(int(k) for k in reference), dtype=np.int64)
+        if keys.size == 0:
+            raise ValueError("reference mapping is empty.")
+        lookup = {int(k): v for k, v in reference.items()}
+
+        def from_mapping(step: int) -> Tensor | None:
+            if match == "exact":
+                if step not in lookup:
+                    raise ValueError(
+                        f"no reference gradient for step {step} (have steps {keys[:10].tolist()}...); pass "
+                        "match='previous' or 'nearest', or add it."
+                    )
+                key = step
+            elif match == "previous":
+                i = int(np.searchsorted(keys, step, side="right")) - 1
+                if i < 0:
+                    raise ValueError(
+                        f"no reference step <= {step} (first is {int(keys[0])}); use match='nearest'."
+                    )
+                key = int(keys[i])
+            else:
+                i = int(np.argmin(np.abs(keys - step)))
+                key = int(keys[i])
+            return prep(lookup[key], step)
+
+        return from_mapping
+    if callable(reference):
+
+        def from_callable(step: int) -> Tensor | None:
+            v = reference(step)
+            return None if v is None else prep(v, step)
+
+        return from_callable
+    raise ValueError(
+        f"reference must be a Tensor [dim], a mapping step -> Tensor or a callable, got {type(reference).__name__}."
+    )

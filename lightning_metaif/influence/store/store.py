@@ -6,30 +6,10 @@ A :class:`GradientStore` is a directory::
       manifest.json                    committed files + store metadata (dim, dtype, projection); atomic
       ckpt-00000000-step100.mgs        one checkpoint: rows = tasks scored at that checkpoint
       traj-00000001-step101-164.mgs    one trajectory segment: rows recorded at many training steps
-      .tmp-...                         in-flight writes; never read, removed when a writable store opens
+Each file is self-describing (see :mod:`lightning_metaif.influence.store.format` for the byte layout); a
+file whose header is foreign, of another version, corrupt or truncated is refused with a
+:class:`~lightning_metaif.influence.store.format.StoreFormatError`.
 
-**File format** (version 1, little-endian). A fixed 64-byte header::
-
-    offset  size  field
-    0       8     magic b"MIFGRAD\\x00"                (stable in every version)
-    8       2     format version (uint16) = 1           (stable in every version)
-    10      1     dtype code: 1 float16, 2 float32, 3 bfloat16
-    11      1     kind: 0 checkpoint, 1 trajectory segment
-    12      4     CRC32 of the header (this field zeroed) followed by the extra JSON bytes
-    16      8     rows (uint64)
-    24      8     dim (uint64)
-    32      8     step (int64; first step of a segment)
-    40      8     learning rate (float64; NaN for a segment, whose rates are per row)
-    48      8     length of the extra JSON (uint64)
-    56      8     reserved (0)
-
-then the extra JSON (UTF-8), then, each section starting at a multiple of 64 bytes: task ids ``int64[rows]``;
-for segments only, steps ``int64[rows]`` and learning rates ``float64[rows]``; then the row-major gradient matrix
-``dtype[rows, dim]`` (bfloat16 is stored as its raw 16 bits, read through ``numpy.int16`` and reinterpreted with
-``Tensor.view(torch.bfloat16)``, since numpy has no bfloat16). The file size must equal the size the header
-describes, so a truncated file is detected. :func:`read_header` refuses a foreign file, another format version,
-a corrupt header or a truncated file with a :class:`StoreFormatError` (a ``ValueError``) that names the file,
-what was expected and what was found.
 
 **Crash safety.** Every file (checkpoint, segment, manifest) is written to a ``.tmp-*`` file in the same
 directory, flushed, ``fsync``-ed and ``os.replace``-d into place (then the directory is fsync-ed). A checkpoint
@@ -68,12 +48,9 @@ import json
 import math
 import os
 import re
-import struct
-import time
 import uuid
 import warnings
-import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -82,249 +59,35 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = [
-    "FORMAT_VERSION",
-    "MAGIC",
-    "CheckpointInfo",
-    "CheckpointWriter",
-    "FileHeader",
-    "GradientStore",
-    "StoreFormatError",
-    "TracInResult",
-    "read_header",
-]
+from lightning_metaif._io import atomic_write, fsync_dir
+from lightning_metaif.influence.store.format import (
+    _DTYPES,
+    FORMAT_VERSION,
+    FileHeader,
+    StoreFormatError,
+    _dtype_name,
+    _layout,
+    _normalize_json,
+    _pack_header,
+    _read_exact,
+    as_task_ids,
+    read_header,
+)
+from lightning_metaif.influence.tracin import Reference, TracInResult
 
-MAGIC = b"MIFGRAD\x00"
-FORMAT_VERSION = 1
+__all__ = ["CheckpointInfo", "CheckpointWriter", "GradientStore", "TracInResult"]
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "lightning-metaif-gradient-store"
 MANIFEST_VERSION = 1
 FILE_SUFFIX = ".mgs"
 TEMP_PREFIX = ".tmp-"
 TOMBSTONE_PREFIX = ".tmp-removing-"
-HEADER_SIZE = 64
-_HEADER = struct.Struct("<8sHBBIQQqdQQ")
-assert _HEADER.size == HEADER_SIZE
-_ALIGN = 64
-_KINDS = {0: "checkpoint", 1: "segment"}
-_KIND_CODES = {v: k for k, v in _KINDS.items()}
 _NAME_RE = re.compile(r"^(?:ckpt|traj)-(\d{8})-")
-
-# name -> (code, torch dtype, numpy storage dtype)
-_DTYPES: dict[str, tuple[int, torch.dtype, np.dtype]] = {
-    "float16": (1, torch.float16, np.dtype("<f2")),
-    "float32": (2, torch.float32, np.dtype("<f4")),
-    "bfloat16": (3, torch.bfloat16, np.dtype("<i2")),  # raw bits; numpy has no bfloat16
-}
-_CODE_TO_NAME = {code: name for name, (code, _, _) in _DTYPES.items()}
-_ALIASES = {
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-}
 
 DEFAULT_BLOCK_BYTES = 16 * 2**20
 DEFAULT_SEGMENT_BYTES = 64 * 2**20
 _WRITE_PIECE_BYTES = 2**20
-
-Reference = Tensor | Mapping[int, Tensor] | Callable[[int], "Tensor | None"]
-
-
-class StoreFormatError(ValueError):
-    """A file in a gradient store is foreign, of another format version, corrupt or truncated."""
-
-
-def _dtype_name(dtype: torch.dtype | str) -> str:
-    if isinstance(dtype, torch.dtype):
-        name = str(dtype).removeprefix("torch.")
-    elif isinstance(dtype, str):
-        name = dtype.removeprefix("torch.")
-    else:
-        raise ValueError(f"dtype must be a torch.dtype or a string, got {type(dtype).__name__}.")
-    if name not in _ALIASES:
-        raise ValueError(
-            f"GradientStore cannot hold dtype {dtype!r}: supported are torch.float16, torch.float32 and "
-            "torch.bfloat16 (stored as raw 16-bit words, since numpy.memmap has no bfloat16). Project/cast the "
-            "gradients to one of them."
-        )
-    return _ALIASES[name]
-
-
-def _align(offset: int) -> int:
-    return (offset + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
-def _normalize_json(value: Any, what: str) -> Any:
-    try:
-        return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
-    except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"{what} must be JSON-serialisable (dicts, lists, str, finite numbers, bool, None): {err}"
-        ) from err
-
-
-@dataclass(frozen=True)
-class FileHeader:
-    """Parsed header and section offsets of one store file (see the module docstring for the layout)."""
-
-    path: Path
-    version: int
-    dtype: str
-    kind: str
-    rows: int
-    dim: int
-    step: int
-    learning_rate: float
-    extra: dict[str, Any]
-    ids_offset: int
-    steps_offset: int
-    lrs_offset: int
-    data_offset: int
-    total_size: int
-
-    @property
-    def itemsize(self) -> int:
-        return _DTYPES[self.dtype][2].itemsize
-
-    @property
-    def row_bytes(self) -> int:
-        return self.dim * self.itemsize
-
-
-def _layout(rows: int, dim: int, itemsize: int, extra_len: int, kind: str) -> tuple[int, int, int, int, int]:
-    ids = _align(HEADER_SIZE + extra_len)
-    end = ids + 8 * rows
-    steps = lrs = -1
-    if kind == "segment":
-        steps = _align(end)
-        lrs = _align(steps + 8 * rows)
-        end = lrs + 8 * rows
-    data = _align(end)
-    return ids, steps, lrs, data, data + rows * dim * itemsize
-
-
-def _pack_header(
-    dtype: str, kind: str, rows: int, dim: int, step: int, learning_rate: float, extra_bytes: bytes
-) -> bytes:
-    fields = [MAGIC, FORMAT_VERSION, _DTYPES[dtype][0], _KIND_CODES[kind], 0, rows, dim, step]
-    fields += [learning_rate, len(extra_bytes), 0]
-    crc = zlib.crc32(_HEADER.pack(*fields) + extra_bytes)
-    fields[4] = crc
-    return _HEADER.pack(*fields)
-
-
-def read_header(path: str | os.PathLike[str]) -> FileHeader:
-    """Parse and validate the header of one store file; refuse foreign, other-version, corrupt or truncated files.
-
-    Example:
-        >>> import tempfile, torch
-        >>> root = tempfile.mkdtemp()
-        >>> store = GradientStore(root, dim=4, dtype=torch.float32)
-        >>> info = store.write_checkpoint(10, 0.1, [7, 8], torch.ones(2, 4))
-        >>> h = read_header(info.path)
-        >>> (h.version, h.dtype, h.kind, h.rows, h.dim, h.step, h.learning_rate)
-        (1, 'float32', 'checkpoint', 2, 4, 10, 0.1)
-    """
-    path = Path(path)
-    with open(path, "rb") as f:
-        raw = f.read(HEADER_SIZE)
-        if len(raw) < 10 or raw[:8] != MAGIC:
-            raise StoreFormatError(
-                f"{path}: not a lightning-metaif gradient file (expected magic bytes {MAGIC!r}, found "
-                f"{raw[:8]!r}); remove it from the store directory."
-            )
-        version = struct.unpack_from("<H", raw, 8)[0]
-        if version != FORMAT_VERSION:
-            raise StoreFormatError(
-                f"{path}: gradient file format version {version} is not supported (this lightning-metaif reads "
-                f"version {FORMAT_VERSION}); re-record the gradients with this version or read the file with the "
-                "version that wrote it."
-            )
-        if len(raw) < HEADER_SIZE:
-            raise StoreFormatError(
-                f"{path}: truncated header ({len(raw)} bytes, expected {HEADER_SIZE}); the file is incomplete."
-            )
-        _, _, code, kind_code, crc, rows, dim, step, lr, extra_len, _ = _HEADER.unpack(raw)
-        size = os.fstat(f.fileno()).st_size
-        if HEADER_SIZE + extra_len > size:
-            raise StoreFormatError(
-                f"{path}: header announces {extra_len} bytes of extra JSON but the file has {size} bytes "
-                "(truncated or corrupt)."
-            )
-        extra_bytes = f.read(extra_len)
-    zeroed = raw[:12] + b"\x00\x00\x00\x00" + raw[16:]
-    found_crc = zlib.crc32(zeroed + extra_bytes)
-    if found_crc != crc:
-        raise StoreFormatError(
-            f"{path}: header checksum mismatch (expected CRC32 {crc:#010x}, found {found_crc:#010x}); the header "
-            "is corrupt, delete the file."
-        )
-    if code not in _CODE_TO_NAME:
-        raise StoreFormatError(
-            f"{path}: unknown dtype code {code} (expected one of {sorted(_CODE_TO_NAME)} = "
-            f"{list(_CODE_TO_NAME.values())})."
-        )
-    if kind_code not in _KINDS:
-        raise StoreFormatError(
-            f"{path}: unknown record kind {kind_code} (expected 0 checkpoint or 1 segment)."
-        )
-    dtype, kind = _CODE_TO_NAME[code], _KINDS[kind_code]
-    try:
-        extra = json.loads(extra_bytes.decode("utf-8")) if extra_len else {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise StoreFormatError(f"{path}: extra metadata is not valid UTF-8 JSON ({err}).") from err
-    ids, steps, lrs, data, total = _layout(rows, dim, _DTYPES[dtype][2].itemsize, extra_len, kind)
-    if size != total:
-        raise StoreFormatError(
-            f"{path}: file has {size} bytes but its header ({rows} rows x {dim} {dtype}) describes {total} bytes; "
-            "the file is truncated or was partially written, delete it or re-record it."
-        )
-    return FileHeader(path, version, dtype, kind, rows, dim, step, lr, extra, ids, steps, lrs, data, total)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.parent / f"{TEMP_PREFIX}{path.name}.{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _read_exact(f: Any, offset: int, buffer: np.ndarray) -> None:
-    view = memoryview(buffer).cast("B")
-    f.seek(offset)
-    got = 0
-    while got < len(view):
-        n = f.readinto(view[got:])
-        if not n:
-            raise StoreFormatError(
-                f"{getattr(f, 'name', '?')}: unexpected end of file at byte {offset + got}."
-            )
-        got += n
 
 
 @dataclass(frozen=True)
@@ -360,36 +123,6 @@ class CheckpointInfo:
             "bytes": self.nbytes,
             "extra": self.extra,
         }
-
-
-@dataclass
-class TracInResult:
-    """TracIn(CP) scores accumulated per task id (sign convention of MATH.md §3: positive = helpful).
-
-    ``counts[i]`` is the number of stored rows (checkpoints x occurrences) that contributed to ``scores[i]``.
-    """
-
-    task_ids: Tensor
-    scores: Tensor
-    counts: Tensor
-    diagnostics: dict[str, Any] = field(default_factory=dict)
-
-
-def _as_ids(task_ids: Any, n: int | None = None) -> np.ndarray:
-    if isinstance(task_ids, Tensor):
-        if task_ids.is_floating_point() or task_ids.is_complex():
-            raise ValueError(f"task_ids must be integers, got a {task_ids.dtype} tensor.")
-        arr = task_ids.detach().cpu().to(torch.int64).numpy()
-    else:
-        arr = np.asarray(task_ids)
-        if arr.size and not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"task_ids must be integers, got dtype {arr.dtype}.")
-        arr = arr.astype("<i8", copy=False)
-    if arr.ndim != 1:
-        raise ValueError(f"task_ids must be 1-D, got shape {tuple(arr.shape)}.")
-    if n is not None and arr.shape[0] != n:
-        raise ValueError(f"got {arr.shape[0]} task ids for {n} gradient rows; pass one id per row.")
-    return np.ascontiguousarray(arr, dtype="<i8")
 
 
 class CheckpointWriter:
@@ -459,7 +192,7 @@ class CheckpointWriter:
         try:
             rows_t = self.store._as_rows(rows)
             n = int(rows_t.shape[0])
-            ids = _as_ids(task_ids, n)
+            ids = as_task_ids(task_ids, n)
             if self.rows_written + n > self.num_rows:
                 raise ValueError(
                     f"writing {n} more rows would exceed num_rows={self.num_rows} ({self.rows_written} already "
@@ -469,7 +202,7 @@ class CheckpointWriter:
             if self.kind == "segment":
                 if steps is None or lrs is None:
                     raise ValueError("a trajectory segment needs per-row steps= and lrs= columns.")
-                step_col = _as_ids(steps, n)
+                step_col = as_task_ids(steps, n)
                 lr_col = np.ascontiguousarray(np.broadcast_to(np.asarray(lrs, dtype="<f8"), (n,)))
                 if not np.isfinite(lr_col).all():
                     raise ValueError("learning rates must be finite.")
@@ -511,7 +244,7 @@ class CheckpointWriter:
             os.fsync(self._file.fileno())
             self._file.close()
             os.replace(self.temp_path, self.final_path)
-            _fsync_dir(self.store.root)
+            fsync_dir(self.store.root)
         except BaseException:
             self.abort()
             raise
@@ -769,7 +502,7 @@ class GradientStore:
 
     def _write_manifest(self) -> None:
         data = json.dumps(self._manifest_dict(), indent=1, sort_keys=True).encode("utf-8")
-        _atomic_write_bytes(self.root / MANIFEST_NAME, data)
+        atomic_write(self.root / MANIFEST_NAME, data, temp_prefix=TEMP_PREFIX)
 
     def _require_writable(self) -> None:
         if self.readonly:
@@ -878,7 +611,7 @@ class GradientStore:
             raise ValueError(f"learning_rate must be finite, got {learning_rate}.")
         data = self._encode_rows(rows)
         n = data.shape[0]
-        ids = _as_ids(task_ids, n)
+        ids = as_task_ids(task_ids, n)
         if n == 0:
             return
         if self._buffer and self._buffer_bytes + data.nbytes > self.segment_bytes:
@@ -1058,7 +791,7 @@ class GradientStore:
         and multiplied in ``compute_dtype`` on the CPU, so RAM stays at about two blocks plus the output.
         """
         h = self._header(info)
-        vec = self._check_vectors(vectors, compute_dtype)
+        vec = self.check_vectors(vectors, compute_dtype)
         out = torch.empty((h.rows, *vec.shape[1:]), dtype=compute_dtype)
         for start, stop, block, *_ in self.iter_blocks(
             info, block_rows=block_rows, block_bytes=block_bytes, compute_dtype=compute_dtype
@@ -1066,7 +799,7 @@ class GradientStore:
             torch.matmul(block, vec, out=out[start:stop])
         return out
 
-    def _check_vectors(self, vectors: Tensor, compute_dtype: torch.dtype) -> Tensor:
+    def check_vectors(self, vectors: Tensor, compute_dtype: torch.dtype) -> Tensor:
         if not isinstance(vectors, Tensor):
             vectors = torch.as_tensor(np.asarray(vectors))
         if vectors.dim() not in (1, 2) or vectors.shape[0] != self.dim:
@@ -1079,172 +812,11 @@ class GradientStore:
         return vec
 
     # ------------------------------------------------------------------ TracIn
-    def tracin_scores(
-        self,
-        reference: Reference,
-        *,
-        checkpoints: Sequence[CheckpointInfo] | None = None,
-        task_ids: Any = None,
-        match: Literal["exact", "previous", "nearest"] = "exact",
-        per_step_mean: bool = False,
-        block_rows: int = 65536,
-        block_bytes: int = DEFAULT_BLOCK_BYTES,
-    ) -> TracInResult:
-        """TracIn / TracInCP scores ``Σ lr · ⟨∇f(λ_step), g_k⟩`` over stored rows, accumulated per task id.
+    def tracin_scores(self, reference: Reference, **kwargs: Any) -> TracInResult:
+        """TracIn / TracInCP scores over the stored rows: :func:`lightning_metaif.influence.tracin.store_tracin`."""
+        from lightning_metaif.influence.tracin import store_tracin
 
-        Args:
-            reference: the (projected, same projection) gradient of the reference loss ``f``: one tensor ``[dim]``
-                for every step, a mapping ``step -> [dim]`` (resolved with ``match``), or a callable
-                ``step -> [dim] | None`` (``None`` skips the rows of that step).
-            checkpoints: files to use (default: all; checkpoints and trajectory segments).
-            task_ids: return scores aligned to these ids (ids never stored get 0); default: every stored id, sorted.
-            match: for a mapping: ``"exact"`` (a missing step raises), ``"previous"`` (latest key <= step) or
-                ``"nearest"`` key.
-            per_step_mean: divide the learning rate of each trajectory row by the number of rows recorded at its
-                step (the ``η_t / B`` of MATH.md §5 when the whole meta-batch of ``B`` tasks was appended).
-                Checkpoints always use ``η_c`` (TracInCP).
-
-        Dots are computed in float32 blocks and accumulated in float64. Sign convention (MATH.md §3): a positive
-        score means the task helped reduce ``f``.
-        """
-        t0 = time.perf_counter()
-        infos = list(self.checkpoints() if checkpoints is None else checkpoints)
-        resolve = self._reference_resolver(reference, match)
-        step_counts: dict[int, int] = {}
-        if per_step_mean:
-            for info in infos:
-                if info.kind == "segment":
-                    steps, _ = self.read_steps(info)
-                    uniq, counts = np.unique(steps.numpy(), return_counts=True)
-                    for s, c in zip(uniq.tolist(), counts.tolist()):
-                        step_counts[s] = step_counts.get(s, 0) + c
-        acc_ids = np.empty(0, dtype=np.int64)
-        acc_scores = np.empty(0, dtype=np.float64)
-        acc_counts = np.empty(0, dtype=np.int64)
-        skipped: set[int] = set()
-        rows_used = 0
-        for info in infos:
-            part_ids, part_scores = [], []
-            cache: dict[int, Tensor | None] = {}
-
-            def ref(step: int, cache: dict[int, Tensor | None] = cache) -> Tensor | None:
-                if step not in cache:
-                    cache[step] = resolve(step)
-                    if cache[step] is None:
-                        skipped.add(step)
-                return cache[step]
-
-            for _, _, block, ids, steps, lrs in self.iter_blocks(
-                info, block_rows=block_rows, block_bytes=block_bytes, columns=True
-            ):
-                if info.kind == "checkpoint":
-                    vec = ref(info.step)
-                    if vec is None:
-                        break
-                    contrib = (block @ vec).double().numpy() * info.learning_rate
-                    keep = slice(None)
-                else:
-                    uniq, inv = np.unique(steps, return_inverse=True)
-                    refs = [ref(int(s)) for s in uniq]
-                    ok = np.array([r is not None for r in refs])
-                    if not ok.any():
-                        continue
-                    mat = torch.stack([r if r is not None else torch.zeros(self.dim) for r in refs])
-                    dots = torch.einsum("nd,nd->n", block, mat[torch.from_numpy(inv.reshape(-1))])
-                    weights = lrs.copy()
-                    if per_step_mean:
-                        weights /= np.array([step_counts[int(s)] for s in uniq], dtype=np.float64)[
-                            inv.reshape(-1)
-                        ]
-                    contrib = dots.double().numpy() * weights
-                    keep = ok[inv.reshape(-1)]
-                part_ids.append(ids[keep])
-                part_scores.append(contrib[keep])
-            if not part_ids:
-                continue
-            ids_all = np.concatenate(part_ids + [acc_ids])
-            scores_all = np.concatenate(part_scores + [acc_scores])
-            counts_all = np.concatenate(
-                [np.ones(sum(p.shape[0] for p in part_ids), dtype=np.int64), acc_counts]
-            )
-            rows_used += ids_all.shape[0] - acc_ids.shape[0]
-            acc_ids, inv = np.unique(ids_all, return_inverse=True)
-            inv = inv.reshape(-1)
-            acc_scores = np.bincount(inv, weights=scores_all, minlength=acc_ids.shape[0])
-            acc_counts = np.bincount(inv, weights=counts_all, minlength=acc_ids.shape[0]).astype(np.int64)
-        if task_ids is not None:
-            want = _as_ids(task_ids)
-            scores, counts = np.zeros(want.shape[0]), np.zeros(want.shape[0], dtype=np.int64)
-            if acc_ids.size:
-                pos = np.searchsorted(acc_ids, want).clip(max=acc_ids.size - 1)
-                found = acc_ids[pos] == want
-                scores[found], counts[found] = acc_scores[pos[found]], acc_counts[pos[found]]
-            acc_ids, acc_scores, acc_counts = want, scores, counts
-        return TracInResult(
-            task_ids=torch.from_numpy(np.ascontiguousarray(acc_ids, dtype=np.int64)),
-            scores=torch.from_numpy(np.ascontiguousarray(acc_scores, dtype=np.float64)),
-            counts=torch.from_numpy(np.ascontiguousarray(acc_counts, dtype=np.int64)),
-            diagnostics={
-                "files": len(infos),
-                "rows_used": rows_used,
-                "skipped_steps": sorted(skipped)[:100],
-                "num_skipped_steps": len(skipped),
-                "seconds": time.perf_counter() - t0,
-            },
-        )
-
-    def _reference_resolver(self, reference: Reference, match: str) -> Callable[[int], Tensor | None]:
-        if match not in ("exact", "previous", "nearest"):
-            raise ValueError(f"match must be 'exact', 'previous' or 'nearest', got {match!r}.")
-
-        def prep(v: Any, step: int) -> Tensor:
-            v = self._check_vectors(v, torch.float32)
-            if v.dim() != 1:
-                raise ValueError(
-                    f"reference for step {step} must have shape [{self.dim}], got {tuple(v.shape)}."
-                )
-            return v
-
-        if isinstance(reference, Tensor):
-            vec = prep(reference, -1)
-            return lambda step: vec
-        if isinstance(reference, Mapping):
-            keys = np.array(sorted(int(k) for k in reference), dtype=np.int64)
-            if keys.size == 0:
-                raise ValueError("reference mapping is empty.")
-            lookup = {int(k): v for k, v in reference.items()}
-
-            def from_mapping(step: int) -> Tensor | None:
-                if match == "exact":
-                    if step not in lookup:
-                        raise ValueError(
-                            f"no reference gradient for step {step} (have steps {keys[:10].tolist()}...); pass "
-                            "match='previous' or 'nearest', or add it."
-                        )
-                    key = step
-                elif match == "previous":
-                    i = int(np.searchsorted(keys, step, side="right")) - 1
-                    if i < 0:
-                        raise ValueError(
-                            f"no reference step <= {step} (first is {int(keys[0])}); use match='nearest'."
-                        )
-                    key = int(keys[i])
-                else:
-                    i = int(np.argmin(np.abs(keys - step)))
-                    key = int(keys[i])
-                return prep(lookup[key], step)
-
-            return from_mapping
-        if callable(reference):
-
-            def from_callable(step: int) -> Tensor | None:
-                v = reference(step)
-                return None if v is None else prep(v, step)
-
-            return from_callable
-        raise ValueError(
-            f"reference must be a Tensor [dim], a mapping step -> Tensor or a callable, got {type(reference).__name__}."
-        )
+        return store_tracin(self, reference, **kwargs)
 
     # ------------------------------------------------------------------ bookkeeping
     def size_bytes(self) -> int:

@@ -10,10 +10,17 @@ configuration is reused): the kernel's high-water mark is reset before the phase
 Linux) and ``VmHWM`` read after it; elsewhere ``ru_maxrss`` is used. The rows come from one pre-generated chunk
 updated in place, so neither the write time nor the write memory includes data generation.
 
+``--scoring`` instead measures, in one process on one warm 100,000 x 1,024 float16 store (``--rows``/``--dim``
+change it), interleaved rounds of: reading every byte of the file sequentially into a reused 1 MiB buffer (the
+floor of any scan: "touch every byte"), ``dot`` against one vector with and without checksum verification,
+``dot`` against 8 vectors (``[d, 8]``), and ``tracin_scores``. It prints the medians and the ratios: scoring vs
+touching every byte, the verification overhead, multi-query vs one query.
+
 Usage::
 
     python benchmarks/bench_store.py            # full grid (writes up to ~400 MB at a time in a temp dir)
     python benchmarks/bench_store.py --quick    # M in {1,000; 10,000}, d in {256, 1024}
+    python benchmarks/bench_store.py --scoring  # ratios on one 100,000 x 1,024 float16 store (~200 MB)
 """
 
 from __future__ import annotations
@@ -129,6 +136,55 @@ def run_one(root: Path, m: int, d: int, dtype: torch.dtype, chunk: int, repeats:
     }
 
 
+def _touch_every_byte(path: Path, buffer: memoryview) -> int:
+    """Read the whole file sequentially into ``buffer`` (reused): what any scan of the store must at least do."""
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            total += n
+    return total
+
+
+def scoring_ratios(root: Path, m: int, d: int, rounds: int) -> dict[str, float]:
+    """Interleaved timings (medians over ``rounds``) of the scoring paths against touching every byte."""
+    store = GradientStore(root, dim=d, dtype=torch.float16)
+    gen = torch.Generator().manual_seed(0)
+    chunk = 4096
+    with store.open_checkpoint(step=0, learning_rate=0.01, num_rows=m) as writer:
+        for start in range(0, m, chunk):
+            n = min(chunk, m - start)
+            writer.write(torch.arange(start, start + n), torch.randn(n, d, generator=gen))
+    info = store.checkpoints()[0]
+    vec, mat = torch.randn(d, generator=gen), torch.randn(d, 8, generator=gen)
+    buffer = memoryview(bytearray(2**20))
+    ops = {
+        "touch": lambda: _touch_every_byte(info.path, buffer),
+        "dot": lambda: store.dot(info, vec),
+        "dot_noverify": lambda: store.dot(info, vec, verify=False),
+        "dot8": lambda: store.dot(info, mat),
+        "tracin": lambda: store.tracin_scores(vec),
+    }
+    for fn in ops.values():  # warm: page cache, buffers, kernels
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in ops}
+    for _ in range(rounds):
+        for name, fn in ops.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
+    assert torch.allclose(store.dot(info, vec), store.read(info)[1].float() @ vec, rtol=1e-4, atol=1e-3)
+    return {
+        **{f"{k}_ms": v for k, v in med.items()},
+        "file_mib": info.nbytes / 2**20,
+        "dot_vs_touch": med["dot"] / med["touch"],
+        "dot_noverify_vs_touch": med["dot_noverify"] / med["touch"],
+        "verify_overhead": med["dot"] / med["dot_noverify"] - 1,
+        "dot8_vs_dot": med["dot8"] / med["dot"],
+        "tracin_vs_touch": med["tracin"] / med["touch"],
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="M in {1,000; 10,000} only")
@@ -138,6 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=4096, help="rows per writer.write call")
     parser.add_argument("--repeats", type=int, default=3, help="warm scoring repeats (best is reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--scoring", action="store_true", help="scoring ratios on one warm store (see above)")
+    parser.add_argument("--rows", type=int, default=100_000, help="--scoring: stored rows")
+    parser.add_argument("--dim", type=int, default=1024, help="--scoring: row dimension")
+    parser.add_argument("--rounds", type=int, default=21, help="--scoring: interleaved rounds (median)")
     parser.add_argument("--one", nargs=4, metavar=("ROOT", "M", "D", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -147,13 +207,35 @@ def main(argv: list[str] | None = None) -> None:
         root, m, d, dtype = Path(args.one[0]), int(args.one[1]), int(args.one[2]), getattr(torch, args.one[3])
         print(json.dumps(run_one(root, m, d, dtype, args.chunk, args.repeats)))
         return
+    if args.scoring:
+        base = Path(tempfile.mkdtemp(prefix="bench_store_", dir=args.root))
+        try:
+            torch.randn(64, 64) @ torch.randn(64)
+            r = scoring_ratios(base / "s", args.rows, args.dim, args.rounds)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.rows:,} x {args.dim:,} float16 "
+            f"({r['file_mib']:.0f} MiB), warm page cache, medians of {args.rounds} interleaved rounds"
+        )
+        print(f"  touch every byte (sequential read, 1 MiB buffer): {r['touch_ms']:8.1f} ms")
+        print(f"  dot, one vector, verified:                        {r['dot_ms']:8.1f} ms")
+        print(f"  dot, one vector, verify=False:                    {r['dot_noverify_ms']:8.1f} ms")
+        print(f"  dot, 8 vectors [d, 8], verified:                  {r['dot8_ms']:8.1f} ms")
+        print(f"  tracin_scores (dot + per-task accumulation):      {r['tracin_ms']:8.1f} ms")
+        print(
+            f"  ratios: dot / touch = {r['dot_vs_touch']:.2f} (unverified {r['dot_noverify_vs_touch']:.2f}); "
+            f"verification overhead = {100 * r['verify_overhead']:+.1f}%; 8 vectors / 1 vector = "
+            f"{r['dot8_vs_dot']:.2f}; tracin / touch = {r['tracin_vs_touch']:.2f}"
+        )
+        print(json.dumps(r))
+        return
     sizes = [1_000, 10_000] if args.quick else [1_000, 10_000, 100_000]
     base = Path(tempfile.mkdtemp(prefix="bench_store_", dir=args.root))
     torch.randn(64, 64) @ torch.randn(64)  # warm up BLAS before the first measurement
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, stores under {base}, one fresh process per "
-        "row; scoring block = 16 MiB "
-        "of float32 rows; times: write = writer.write+commit (fsync included), dot = rows @ v[d], dot8 = rows @ "
+        "row; scoring streams one checksum chunk (~1 MiB) at a time, verified; times: write = writer.write+commit (fsync included), dot = rows @ v[d], dot8 = rows @ "
         "V[d,8], tracin = dot + per-task accumulation (warm page cache, best of repeats), cold = first dot after "
         "posix_fadvise(DONTNEED); memory = peak RSS growth during the phase."
     )

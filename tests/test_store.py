@@ -145,7 +145,7 @@ def test_foreign_old_version_corrupt_and_truncated_files_are_refused(tmp_path: P
 
     old = tmp_path / "old.mgs"
     old.write_bytes(good[:8] + struct.pack("<H", 0) + good[10:])
-    with pytest.raises(StoreFormatError, match=r"old\.mgs.*version 0 is not supported.*reads version 1"):
+    with pytest.raises(StoreFormatError, match=r"old\.mgs.*version 0 is not supported.*reads version 2"):
         read_header(old)
 
     corrupt = tmp_path / "corrupt.mgs"
@@ -277,17 +277,20 @@ def test_remove_and_interrupted_remove(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- scoring
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
 def test_dot_matches_dense_product_across_blocks(tmp_path: Path, dtype: torch.dtype) -> None:
-    store = GradientStore(tmp_path, dim=33, dtype=dtype)
     rows = torch.randn(1000, 33)
-    info = store.write_checkpoint(0, 1.0, torch.arange(1000), rows)
     exact = rows.to(dtype).double()
     vec, mat = torch.randn(33), torch.randn(33, 4)
-    for block_rows in (7, 1000, 65536):
-        got = store.dot(info, vec, block_rows=block_rows)
+    for chunk_rows in (7, 1000, 65536):  # chunks (= read blocks) of 7 rows, one chunk, one short chunk
+        store = GradientStore(
+            tmp_path / str(chunk_rows), dim=33, dtype=dtype, chunk_bytes=chunk_rows * 33 * 2
+        )
+        info = store.write_checkpoint(0, 1.0, torch.arange(1000), rows)
+        assert read_header(info.path).chunk_rows == chunk_rows // (2 if dtype == torch.float32 else 1)
+        got = store.dot(info, vec)
         assert got.shape == (1000,) and got.dtype == torch.float32
         torch.testing.assert_close(got.double(), exact @ vec.double(), rtol=1e-5, atol=1e-4)
-    got = store.dot(info, mat, block_bytes=33 * 4 * 10)  # 10-row blocks from the byte cap
-    torch.testing.assert_close(got.double(), exact @ mat.double(), rtol=1e-5, atol=1e-4)
+        got = store.dot(info, mat)
+        torch.testing.assert_close(got.double(), exact @ mat.double(), rtol=1e-5, atol=1e-4)
     got64 = store.dot(info, mat, compute_dtype=torch.float64)
     torch.testing.assert_close(got64, exact @ mat.double(), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match=r"shape \[33\] or \[33, r\]"):
@@ -481,8 +484,8 @@ def test_large_streaming_write_and_dot_bounded_rss(tmp_path: Path) -> None:
     afterwards; elsewhere it falls back to ``ru_maxrss`` (a high-water mark over the process life, still fine in a
     fresh process). Both count every resident page, file-backed mmap pages included, which tracemalloc does not
     see. One-time initialisation and the test's data buffer (rows are generated in place) come before the baseline,
-    so the growth is the store's own: about 1.5 MiB of cast buffer when writing, one 16 MiB float32 block plus its
-    8 MiB float16 source when scoring. Limits: a tenth (write) and a fifth (score) of the file size.
+    so the growth is the store's own: about 1.5 MiB of cast buffer when writing, one ~1 MiB float16 chunk plus its
+    float32 copy when scoring (and the columns of ids for TracIn). Limits: a tenth (write) and a fifth (score) of the file size.
     """
     root, out = tmp_path / "store", tmp_path / "out"
     out.mkdir()

@@ -1,4 +1,4 @@
-"""The ``lightning-metaif`` command: ``demo``, ``report RUN_DIR`` and ``fit --config config.yaml``.
+"""The ``lightning-metaif`` command: ``demo``, ``report RUN_DIR``, ``store verify DIR``, ``fit --config ...``.
 
 * ``lightning-metaif demo``: meta-trains MAML on scikit-learn's bundled digits (5-way 1-shot tasks) with a
   share of the training tasks corrupted, scores every task with :class:`~lightning_metaif.MetaInfluence`
@@ -6,6 +6,8 @@
   accuracy. Logs to W&B offline (CSV without wandb), writes a self-contained HTML report and ``summary.json``.
 * ``lightning-metaif report RUN_DIR``: rebuilds the HTML report from the files of any run that used the
   callback (the ``metaif/`` folders under ``RUN_DIR``).
+* ``lightning-metaif store verify DIR``: checks every byte of the gradient stores under ``DIR`` against their
+  checksums and lists each damaged file, record and chunk (exit code 1 when something is damaged).
 * ``lightning-metaif fit|validate|test ...``: Lightning's ``LightningCLI`` with
   :class:`~lightning_metaif.MAML` and a :class:`~lightning_metaif.MetaDataModule` subclass (e.g.
   :class:`DigitsDataModule`) built from a YAML config; ``MetaInfluence`` goes in ``trainer.callbacks``.
@@ -86,6 +88,16 @@ def _parser() -> argparse.ArgumentParser:
         "run_dir", type=Path, help="a demo output dir or any folder holding metaif/ score files"
     )
     report.add_argument("--output", type=Path, default=None, help="default RUN_DIR/report.html")
+    store = sub.add_parser("store", help="gradient store maintenance: `store verify DIR` checks every byte")
+    store_sub = store.add_subparsers(dest="store_command", required=True)
+    verify = store_sub.add_parser(
+        "verify",
+        help="check every file of the gradient stores under DIR against its checksums",
+        description="Checks the manifest and every byte of every file (header, rows, task ids, steps, learning "
+        "rates, checksum table) of the gradient store DIR, or of every store below DIR (e.g. a run directory). "
+        "Exit code 0: intact; 1: damage found (each damaged file, record and chunk is listed); 2: no store.",
+    )
+    verify.add_argument("dir", type=Path, help="a gradient store directory or a folder holding stores")
     for name in LIGHTNING_COMMANDS:
         sub.add_parser(
             name, help=f"LightningCLI {name} (e.g. --config examples/config_digits.yaml)", add_help=False
@@ -149,7 +161,13 @@ def _demo_command(args: argparse.Namespace) -> int:
 
 
 # One handler per subcommand of `_parser()` (a new subcommand adds its parser there and its handler here).
-_COMMANDS: dict[str, Any] = {"demo": _demo_command, "report": _report_command}
+def _store_command(args: argparse.Namespace) -> int:
+    from lightning_metaif.cli.store import store_command
+
+    return store_command(args)
+
+
+_COMMANDS: dict[str, Any] = {"demo": _demo_command, "report": _report_command, "store": _store_command}
 
 
 __all__ = [

@@ -10,8 +10,10 @@ from lightning_metaif.influence.store.format import (
     HEADER_SIZE,
     MAGIC,
     FileHeader,
+    StoreChecksumError,
     StoreFormatError,
     read_header,
+    verify_file,
 )
 from lightning_metaif.influence.store.store import (
     FILE_SUFFIX,
@@ -20,6 +22,8 @@ from lightning_metaif.influence.store.store import (
     CheckpointInfo,
     CheckpointWriter,
     GradientStore,
+    StoreReport,
+    verify_store,
 )
 from lightning_metaif.influence.tracin import TracInResult
 
@@ -34,7 +38,11 @@ __all__ = [
     "CheckpointWriter",
     "FileHeader",
     "GradientStore",
+    "StoreChecksumError",
     "StoreFormatError",
+    "StoreReport",
     "TracInResult",
     "read_header",
+    "verify_file",
+    "verify_store",
 ]

@@ -57,13 +57,16 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import xxhash
 from torch import Tensor
 
 from lightning_metaif._io import atomic_write, fsync_dir
 from lightning_metaif.influence.store.format import (
     _DTYPES,
     FORMAT_VERSION,
+    SECTIONS,
     FileHeader,
+    StoreChecksumError,
     StoreFormatError,
     _dtype_name,
     _layout,
@@ -71,21 +74,31 @@ from lightning_metaif.influence.store.format import (
     _pack_header,
     _read_exact,
     as_task_ids,
+    digest,
+    read_checksums,
     read_header,
+    verify_file,
 )
 from lightning_metaif.influence.tracin import Reference, TracInResult
 
-__all__ = ["CheckpointInfo", "CheckpointWriter", "GradientStore", "TracInResult"]
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointWriter",
+    "GradientStore",
+    "StoreReport",
+    "TracInResult",
+    "verify_store",
+]
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "lightning-metaif-gradient-store"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: files of format 2 (checksummed rows and ids)
 FILE_SUFFIX = ".mgs"
 TEMP_PREFIX = ".tmp-"
 TOMBSTONE_PREFIX = ".tmp-removing-"
 _NAME_RE = re.compile(r"^(?:ckpt|traj)-(\d{8})-")
 
-DEFAULT_BLOCK_BYTES = 16 * 2**20
+DEFAULT_CHUNK_BYTES = 2**20
 DEFAULT_SEGMENT_BYTES = 64 * 2**20
 _WRITE_PIECE_BYTES = 2**20
 
@@ -155,10 +168,13 @@ class CheckpointWriter:
         header_extra = {**self.extra, "last_step": self.last_step} if kind == "segment" else self.extra
         extra_bytes = json.dumps(header_extra, sort_keys=True).encode("utf-8") if header_extra else b""
         itemsize = _DTYPES[store.dtype_name][2].itemsize
-        self._ids, self._steps, self._lrs, self._data, self._total = _layout(
-            self.num_rows, store.dim, itemsize, len(extra_bytes), kind
-        )
         self._row_bytes = store.dim * itemsize
+        self.chunk_rows = store.chunk_rows
+        lay = _layout(self.num_rows, store.dim, itemsize, len(extra_bytes), kind, self.chunk_rows)
+        self._ids, self._steps, self._lrs, self._data = lay.ids, lay.steps, lay.lrs, lay.data
+        self._table, self._total = lay.table, lay.total
+        self._digests: list[tuple[int, int, int, int]] = []  # one row of the checksum table per full chunk
+        self._hashers = [xxhash.xxh3_64() for _ in SECTIONS]
         self.index = store._next_index()
         prefix = "ckpt" if kind == "checkpoint" else "traj"
         steps = f"step{self.step}" if kind == "checkpoint" else f"step{self.step}-{self.last_step}"
@@ -170,7 +186,14 @@ class CheckpointWriter:
         self._file = open(self.temp_path, "wb")  # noqa: SIM115 - lives until commit()/abort()
         try:
             header = _pack_header(
-                store.dtype_name, kind, self.num_rows, store.dim, self.step, self.learning_rate, extra_bytes
+                store.dtype_name,
+                kind,
+                self.num_rows,
+                store.dim,
+                self.step,
+                self.learning_rate,
+                extra_bytes,
+                self.chunk_rows,
             )
             self._file.write(header + extra_bytes)
             self._file.truncate(self._total)  # sparse until written; the size check catches missing rows
@@ -199,6 +222,7 @@ class CheckpointWriter:
                     "written); the checkpoint was aborted. Pass the right num_rows to open_checkpoint."
                 )
             f, start = self._file, self.rows_written
+            step_col = lr_col = None
             if self.kind == "segment":
                 if steps is None or lrs is None:
                     raise ValueError("a trajectory segment needs per-row steps= and lrs= columns.")
@@ -218,18 +242,45 @@ class CheckpointWriter:
                 piece_rows = max(1, min(self.num_rows, _WRITE_PIECE_BYTES // self._row_bytes))
                 self._cast = torch.empty((piece_rows, self.store.dim), dtype=self.store.dtype)
             piece = self._cast.shape[0]
-            for lo in range(0, n, piece):
-                dst = self._cast[: min(piece, n - lo)]
-                data = self.store._encode_rows(rows_t[lo : lo + piece], out=dst)
-                f.seek(self._data + self._row_bytes * (start + lo))
+            h_data, h_ids, h_steps, h_lrs = self._hashers
+            lo = 0
+            while lo < n:  # pieces never cross a checksum chunk, so each chunk's digest streams
+                row = start + lo
+                chunk_end = (row // self.chunk_rows + 1) * self.chunk_rows
+                hi = min(n, lo + piece, chunk_end - start)
+                dst = self._cast[: hi - lo]
+                data = self.store._encode_rows(rows_t[lo:hi], out=dst)
+                f.seek(self._data + self._row_bytes * row)
                 f.write(memoryview(data).cast("B"))
+                h_data.update(data)
+                h_ids.update(ids[lo:hi])
+                if step_col is not None and lr_col is not None:
+                    h_steps.update(step_col[lo:hi])
+                    h_lrs.update(lr_col[lo:hi])
+                if start + hi == chunk_end:
+                    self._close_chunk()
+                lo = hi
         except BaseException:
             self.abort()
             raise
         self.rows_written += n
 
+    def _close_chunk(self) -> None:
+        segment = self.kind == "segment"
+        h_data, h_ids, h_steps, h_lrs = self._hashers
+        self._digests.append(
+            (
+                h_data.intdigest(),
+                h_ids.intdigest(),
+                h_steps.intdigest() if segment else 0,
+                h_lrs.intdigest() if segment else 0,
+            )
+        )
+        for h in self._hashers:
+            h.reset()
+
     def commit(self) -> CheckpointInfo:
-        """Check the row count, fsync, rename into place and record the file in the manifest."""
+        """Check the row count, write the checksum table, fsync, rename into place and record it in the manifest."""
         if self._state != "open":
             raise ValueError(f"cannot commit a writer that is {self._state}.")
         if self.rows_written != self.num_rows:
@@ -240,6 +291,11 @@ class CheckpointWriter:
                 "and nothing was committed. Write every row before commit()."
             )
         try:
+            if self.num_rows % self.chunk_rows:
+                self._close_chunk()  # the last, shorter chunk
+            table = np.asarray(self._digests, dtype="<u8").reshape(-1, len(SECTIONS))
+            self._file.seek(self._table)
+            self._file.write(table.tobytes())
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
@@ -296,6 +352,10 @@ class GradientStore:
             stored in the manifest; reopening with a different value raises.
         segment_bytes: bound of the in-memory buffer of :meth:`append_step` before it is written as a segment.
         readonly: open an existing store for reading only (no temp-file clean up, no writes).
+        verify: check every chunk that a read returns against its checksum (default); ``False`` skips it (each
+            read method also takes ``verify=``). A mismatch raises :class:`StoreChecksumError`.
+        chunk_bytes: data bytes per checksum chunk of new files (rows per chunk = ``chunk_bytes // row bytes``);
+            reads stream one chunk at a time, so the default 1 MiB keeps a chunk in the CPU cache.
 
     Opening an existing root with a different ``dim``/``dtype``/``projection`` raises ``ValueError``; use
     :meth:`open` to take them from the manifest.
@@ -320,11 +380,15 @@ class GradientStore:
         projection: dict[str, Any] | None = None,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         readonly: bool = False,
+        verify: bool = True,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         if int(dim) <= 0:
             raise ValueError(f"dim must be a positive integer, got {dim}.")
         if int(segment_bytes) <= 0:
             raise ValueError(f"segment_bytes must be positive, got {segment_bytes}.")
+        if int(chunk_bytes) <= 0:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}.")
         self.root = Path(root).absolute()
         self.dim = int(dim)
         self.dtype_name = _dtype_name(dtype)
@@ -332,6 +396,10 @@ class GradientStore:
         self.projection = _normalize_json(projection, "projection") if projection is not None else None
         self.segment_bytes = int(segment_bytes)
         self.readonly = bool(readonly)
+        self.verify_reads = bool(verify)
+        row_bytes = self.dim * _DTYPES[self.dtype_name][2].itemsize
+        self.chunk_rows = max(1, min(int(chunk_bytes) // row_bytes, 2**32 - 1))
+        self._tables: dict[str, np.ndarray] = {}
         self._entries: dict[str, CheckpointInfo] = {}
         self._headers: dict[str, FileHeader] = {}
         self._buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
@@ -377,6 +445,13 @@ class GradientStore:
             found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
             raise ValueError(
                 f"{path}: not a gradient store manifest (expected format {MANIFEST_FORMAT!r}, found {found!r})."
+            )
+        if manifest.get("version") == 1:
+            raise StoreFormatError(
+                f"{path}: this gradient store was written by an older lightning-metaif (manifest version 1, file "
+                "format 1, without data checksums), which this version refuses to read. Re-record the gradients "
+                "into a new directory (re-run the training with the store on), or read it with the version that "
+                "wrote it."
             )
         if manifest.get("version") != MANIFEST_VERSION:
             raise ValueError(
@@ -517,11 +592,13 @@ class GradientStore:
     def _register(self, info: CheckpointInfo) -> None:
         self._entries[info.path.name] = info
         self._headers.pop(info.path.name, None)
+        self._tables.pop(info.path.name, None)
         self._write_manifest()
 
     def refresh(self) -> None:
         """Re-read the manifest (e.g. in a read-only process while another one writes)."""
         self._headers.clear()
+        self._tables.clear()
         self._load()
 
     # ------------------------------------------------------------------ writing
@@ -664,6 +741,7 @@ class GradientStore:
         os.replace(self.root / name, tomb)
         del self._entries[name]
         self._headers.pop(name, None)
+        self._tables.pop(name, None)
         self._write_manifest()
         tomb.unlink(missing_ok=True)
 
@@ -699,14 +777,60 @@ class GradientStore:
             self._headers[name] = self._check_header(read_header(self.root / name))
         return self._headers[name]
 
-    def read(self, info: CheckpointInfo | int) -> tuple[Tensor, Tensor]:
+    def _checksums(self, h: FileHeader, f: Any, verify: bool | None) -> np.ndarray | None:
+        """The file's checksum table (cached) when reads verify, else ``None``."""
+        if not (self.verify_reads if verify is None else bool(verify)):
+            return None
+        name = h.path.name
+        if name not in self._tables:
+            table = read_checksums(f, h)
+            if h.kind == "checkpoint" and table[:, 2:].any():  # no steps/lrs columns: their digests are 0
+                raise self._damaged(h, int(np.flatnonzero(table[:, 2:].any(axis=1))[0]), "checksum table")
+            self._tables[name] = table
+        return self._tables[name]
+
+    def _damaged(self, h: FileHeader, chunk: int, section: str) -> StoreChecksumError:
+        entry = self._entries.get(h.path.name)
+        return StoreChecksumError(
+            h.path, chunk, h.chunk_range(chunk), section, None if entry is None else entry.index
+        )
+
+    def _read_column(self, h: FileHeader, f: Any, table: np.ndarray | None, section: str) -> np.ndarray:
+        """A whole ``ids``/``steps``/``lrs`` column, every chunk checked against the table when given."""
+        offset = {"ids": h.ids_offset, "steps": h.steps_offset, "lrs": h.lrs_offset}[section]
+        col = np.empty(h.rows, dtype="<f8" if section == "lrs" else "<i8")
+        _read_exact(f, offset, col)
+        if table is not None:
+            s = SECTIONS.index(section)
+            for c in range(h.chunks):
+                start, stop = h.chunk_range(c)
+                if digest(col[start:stop]) != int(table[c, s]):
+                    raise self._damaged(h, c, section)
+        return col
+
+    def _verify_data(self, h: FileHeader, f: Any, table: np.ndarray) -> None:
+        buf = np.empty((min(h.chunk_rows, h.rows), h.dim), dtype=_DTYPES[h.dtype][2])
+        for c in range(h.chunks):
+            start, stop = h.chunk_range(c)
+            part = buf[: stop - start]
+            _read_exact(f, h.data_offset + start * h.row_bytes, part)
+            if digest(part) != int(table[c, 0]):
+                raise self._damaged(h, c, "data")
+
+    def read(self, info: CheckpointInfo | int, *, verify: bool | None = None) -> tuple[Tensor, Tensor]:
         """``(task_ids [rows] int64, rows [rows, dim] store dtype)`` backed by copy-on-write memmaps (not loaded).
 
-        Writing to the returned tensors never changes the file. Pages are read on access.
+        Writing to the returned tensors never changes the file. Pages are read on access. With verification on
+        (the store's default), the ids and rows are first checked chunk by chunk (one streaming pass).
         """
         h = self._header(info)
         if h.rows == 0:
             return torch.empty(0, dtype=torch.int64), torch.empty(0, h.dim, dtype=self.dtype)
+        with open(h.path, "rb", buffering=0) as f:
+            table = self._checksums(h, f, verify)
+            if table is not None:
+                self._read_column(h, f, table, "ids")
+                self._verify_data(h, f, table)
         ids = np.memmap(h.path, dtype="<i8", mode="c", offset=h.ids_offset, shape=(h.rows,))
         data = np.memmap(
             h.path, dtype=_DTYPES[h.dtype][2], mode="c", offset=h.data_offset, shape=(h.rows, h.dim)
@@ -716,88 +840,110 @@ class GradientStore:
             rows = rows.view(torch.bfloat16)
         return torch.from_numpy(ids), rows
 
-    def read_steps(self, info: CheckpointInfo | int) -> tuple[Tensor, Tensor]:
-        """Per-row ``(steps int64, learning_rates float64)``; constant columns for a checkpoint."""
+    def read_ids(self, info: CheckpointInfo | int, *, verify: bool | None = None) -> Tensor:
+        """Task ids ``[rows]`` of one file (loaded; verified by default)."""
+        h = self._header(info)
+        with open(h.path, "rb", buffering=0) as f:
+            return torch.from_numpy(self._read_column(h, f, self._checksums(h, f, verify), "ids"))
+
+    def read_steps(self, info: CheckpointInfo | int, *, verify: bool | None = None) -> tuple[Tensor, Tensor]:
+        """Per-row ``(steps int64, learning_rates float64)`` (loaded, verified by default); constant for a checkpoint."""
         h = self._header(info)
         if h.kind == "checkpoint" or h.rows == 0:
             return torch.full((h.rows,), h.step, dtype=torch.int64), torch.full(
                 (h.rows,), h.learning_rate, dtype=torch.float64
             )
-        steps = np.memmap(h.path, dtype="<i8", mode="c", offset=h.steps_offset, shape=(h.rows,))
-        lrs = np.memmap(h.path, dtype="<f8", mode="c", offset=h.lrs_offset, shape=(h.rows,))
+        with open(h.path, "rb", buffering=0) as f:
+            table = self._checksums(h, f, verify)
+            steps = self._read_column(h, f, table, "steps")
+            lrs = self._read_column(h, f, table, "lrs")
         return torch.from_numpy(steps), torch.from_numpy(lrs)
-
-    def _rows_per_block(self, block_rows: int, block_bytes: int, compute_dtype: torch.dtype) -> int:
-        if int(block_rows) <= 0 or int(block_bytes) <= 0:
-            raise ValueError(f"block_rows and block_bytes must be positive, got {block_rows}, {block_bytes}.")
-        per_row = self.dim * max(torch.empty((), dtype=compute_dtype).element_size(), 1)
-        return max(1, min(int(block_rows), int(block_bytes) // per_row))
 
     def iter_blocks(
         self,
         info: CheckpointInfo | int,
         *,
-        block_rows: int = 65536,
-        block_bytes: int = DEFAULT_BLOCK_BYTES,
         compute_dtype: torch.dtype = torch.float32,
         columns: bool = False,
+        verify: bool | None = None,
     ) -> Iterator[tuple[int, int, Tensor, np.ndarray | None, np.ndarray | None, np.ndarray | None]]:
-        """Stream ``(start, stop, rows[start:stop] in compute_dtype, ids, steps, lrs)`` with bounded RAM.
+        """Stream ``(start, stop, rows[start:stop] in compute_dtype, ids, steps, lrs)``, one checksum chunk a time.
 
-        The yielded tensors reuse the same buffers: consume (or copy) each block before taking the next.
-        ``ids``/``steps``/``lrs`` are ``None`` unless ``columns=True`` (``steps``/``lrs`` stay ``None`` for a
-        checkpoint). ``block_bytes`` caps the size of one ``compute_dtype`` block.
+        A block is one chunk of the file (about 1 MiB of stored rows, see ``chunk_bytes``): it is read into a
+        reused buffer, checked against its checksum while it is in the CPU cache (unless ``verify=False``) and
+        converted to ``compute_dtype`` in a second reused buffer (no conversion when the dtypes agree), so RAM
+        stays at two chunks. The yielded tensors reuse these buffers: consume (or copy) each block before taking
+        the next. ``ids``/``steps``/``lrs`` are ``None`` unless ``columns=True`` (``steps``/``lrs`` stay ``None``
+        for a checkpoint); the columns are read and verified once, then sliced.
         """
         h = self._header(info)
-        nrows = self._rows_per_block(block_rows, block_bytes, compute_dtype)
-        nrows = min(nrows, max(h.rows, 1))
-        storage = _DTYPES[h.dtype][2]
-        raw = np.empty((nrows, h.dim), dtype=storage)
-        same = self.dtype == compute_dtype
-        conv = None if same else torch.empty((nrows, h.dim), dtype=compute_dtype)
+        nrows = min(h.chunk_rows, max(h.rows, 1))
+        raw = np.empty((nrows, h.dim), dtype=_DTYPES[h.dtype][2])
+        raw_t = torch.from_numpy(raw)
+        if h.dtype == "bfloat16":
+            raw_t = raw_t.view(torch.bfloat16)
+        conv = None if self.dtype == compute_dtype else torch.empty((nrows, h.dim), dtype=compute_dtype)
         with open(h.path, "rb", buffering=0) as f:
-            for start in range(0, h.rows, nrows):
-                stop = min(start + nrows, h.rows)
+            table = self._checksums(h, f, verify)
+            ids_col = steps_col = lrs_col = None
+            if columns:
+                ids_col = self._read_column(h, f, table, "ids")
+                if h.kind == "segment":
+                    steps_col = self._read_column(h, f, table, "steps")
+                    lrs_col = self._read_column(h, f, table, "lrs")
+            f.seek(h.data_offset)
+            for c in range(h.chunks):
+                start, stop = h.chunk_range(c)
                 n = stop - start
-                _read_exact(f, h.data_offset + start * h.row_bytes, raw[:n])
-                block = torch.from_numpy(raw[:n])
-                if h.dtype == "bfloat16":
-                    block = block.view(torch.bfloat16)
+                _read_exact(f, None, raw[:n])  # sequential: chunks are contiguous
+                if table is not None and digest(raw[:n]) != int(table[c, 0]):
+                    raise self._damaged(h, c, "data")
+                block = raw_t[:n]
                 if conv is not None:
-                    conv[:n].copy_(block)
-                    block = conv[:n]
-                ids = steps = lrs = None
-                if columns:
-                    ids = np.empty(n, dtype="<i8")
-                    _read_exact(f, h.ids_offset + 8 * start, ids)
-                    if h.kind == "segment":
-                        steps, lrs = np.empty(n, dtype="<i8"), np.empty(n, dtype="<f8")
-                        _read_exact(f, h.steps_offset + 8 * start, steps)
-                        _read_exact(f, h.lrs_offset + 8 * start, lrs)
-                yield start, stop, block, ids, steps, lrs
+                    block = conv[:n].copy_(block)
+                yield (
+                    start,
+                    stop,
+                    block,
+                    None if ids_col is None else ids_col[start:stop],
+                    None if steps_col is None else steps_col[start:stop],
+                    None if lrs_col is None else lrs_col[start:stop],
+                )
 
     def dot(
         self,
         info: CheckpointInfo | int,
         vectors: Tensor,
         *,
-        block_rows: int = 65536,
-        block_bytes: int = DEFAULT_BLOCK_BYTES,
         compute_dtype: torch.dtype = torch.float32,
+        verify: bool | None = None,
     ) -> Tensor:
         """``rows @ vectors`` for ``vectors`` ``[dim]`` or ``[dim, r]`` -> ``[rows]`` / ``[rows, r]``, streamed.
 
-        Rows are read in blocks of at most ``block_rows`` rows and ``block_bytes`` bytes (as ``compute_dtype``)
-        and multiplied in ``compute_dtype`` on the CPU, so RAM stays at about two blocks plus the output.
+        Streams the file one cache-sized chunk at a time (:meth:`iter_blocks`) and multiplies in ``compute_dtype``
+        on the CPU; a matrix of ``r`` reference vectors reads the file once. RAM: two chunks plus the output.
+
+        Example:
+            >>> import tempfile, torch
+            >>> store = GradientStore(tempfile.mkdtemp(), dim=2)
+            >>> info = store.write_checkpoint(0, 0.1, [0, 1], torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+            >>> store.dot(info, torch.tensor([[1.0, 0.0], [0.0, 1.0]])).tolist()
+            [[1.0, 2.0], [3.0, 4.0]]
         """
         h = self._header(info)
         vec = self.check_vectors(vectors, compute_dtype)
-        out = torch.empty((h.rows, *vec.shape[1:]), dtype=compute_dtype)
-        for start, stop, block, *_ in self.iter_blocks(
-            info, block_rows=block_rows, block_bytes=block_bytes, compute_dtype=compute_dtype
-        ):
-            torch.matmul(block, vec, out=out[start:stop])
-        return out
+        blocks = self.iter_blocks(info, compute_dtype=compute_dtype, verify=verify)
+        if vec.dim() == 1:
+            out = torch.empty(h.rows, dtype=compute_dtype)
+            for start, stop, block, *_ in blocks:
+                torch.mv(block, vec, out=out[start:stop])
+            return out
+        # r queries: [r, d] @ block^T into a transposed output (measured ~2x faster on CPU than block @ [d, r])
+        vec_t = vec.t().contiguous()
+        out_t = torch.empty((vec.shape[1], h.rows), dtype=compute_dtype)
+        for start, stop, block, *_ in blocks:
+            torch.mm(vec_t, block.t(), out=out_t[:, start:stop])
+        return out_t.t().contiguous()
 
     def check_vectors(self, vectors: Tensor, compute_dtype: torch.dtype) -> Tensor:
         if not isinstance(vectors, Tensor):
@@ -810,6 +956,19 @@ class GradientStore:
         if not bool(torch.isfinite(vec).all()):
             raise ValueError("vectors contain non-finite values.")
         return vec
+
+    def verify(self) -> StoreReport:
+        """Check every byte of every file in the store directory; see :func:`verify_store`.
+
+        Example:
+            >>> import tempfile, torch
+            >>> store = GradientStore(tempfile.mkdtemp(), dim=2)
+            >>> _ = store.write_checkpoint(0, 0.1, [0], torch.ones(1, 2))
+            >>> report = store.verify()
+            >>> report.ok, report.files, report.rows
+            (True, 1, 1)
+        """
+        return verify_store(self.root)
 
     # ------------------------------------------------------------------ TracIn
     def tracin_scores(self, reference: Reference, **kwargs: Any) -> TracInResult:
@@ -883,3 +1042,83 @@ class GradientStore:
             for name in sorted(set(have) - set(listed)):
                 store.remove(have[name])
         return store
+
+
+@dataclass
+class StoreReport:
+    """What :func:`verify_store` found: ``problems`` (one line each; empty = intact) and what was checked."""
+
+    root: Path
+    files: int = 0
+    rows: int = 0
+    bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        head = f"{self.root}: {self.files} files, {self.rows} rows, {self.bytes / 2**20:.1f} MiB checked: "
+        lines = [head + ("intact" if self.ok else f"{len(self.problems)} problem(s)")]
+        lines += [f"  DAMAGED {p}" for p in self.problems] + [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def verify_store(root: str | os.PathLike[str]) -> StoreReport:
+    """Check a store directory without opening it for writing: manifest, and every byte of every ``*.mgs`` file.
+
+    Reports (never raises for damage): files listed in the manifest but missing, files whose header, padding or
+    any chunk of rows, task ids, steps or learning rates does not match its checksum (naming file, record and
+    chunk), files of another format version. Unlisted valid files and leftover temporary files are notes (a
+    writable open adopts or removes them). The command line ``lightning-metaif store verify DIR`` prints it.
+
+    Example:
+        >>> import tempfile, torch
+        >>> root = tempfile.mkdtemp()
+        >>> info = GradientStore(root, dim=2).write_checkpoint(0, 0.1, [0, 1], torch.ones(2, 2))
+        >>> data = bytearray(info.path.read_bytes()); data[-20] ^= 0xFF  # a byte of the checksum table
+        >>> _ = info.path.write_bytes(bytes(data))
+        >>> report = verify_store(root)
+        >>> report.ok, "chunk 0" in report.problems[0]
+        (False, True)
+    """
+    root = Path(root).absolute()
+    report = StoreReport(root)
+    try:
+        manifest = GradientStore._read_manifest(root / MANIFEST_NAME)
+    except ValueError as err:
+        report.problems.append(str(err))
+        manifest = None
+    if manifest is None and not report.problems:
+        report.problems.append(
+            f"{root}: no {MANIFEST_NAME}; not a gradient store (or its manifest was deleted)."
+        )
+    listed = {e["file"]: e for e in (manifest or {}).get("checkpoints", [])}
+    for name in sorted(listed):
+        if not (root / name).is_file():
+            report.problems.append(
+                f"{root / name}: listed in the manifest (record {listed[name]['index']}) but missing"
+            )
+    for path in sorted(root.glob(f"*{FILE_SUFFIX}")):
+        entry = listed.get(path.name)
+        problems = verify_file(path, record=None if entry is None else entry.get("index"))
+        report.files += 1
+        report.bytes += path.stat().st_size
+        if problems:
+            report.problems += problems
+            continue
+        h = read_header(path)
+        report.rows += h.rows
+        if manifest is not None and (h.dim != manifest["dim"] or h.dtype != manifest["dtype"]):
+            report.problems.append(
+                f"{path}: holds {h.dtype} rows of dim {h.dim}, the store is {manifest['dtype']} dim {manifest['dim']}"
+            )
+        elif entry is None:
+            report.notes.append(f"{path.name}: valid but not in the manifest (a writable open adopts it)")
+        elif entry.get("rows") != h.rows:
+            report.problems.append(f"{path}: manifest says {entry.get('rows')} rows, the file {h.rows}")
+    for tmp in sorted(root.glob(f"{TEMP_PREFIX}*")):
+        report.notes.append(f"{tmp.name}: leftover of an interrupted write (a writable open removes it)")
+    return report

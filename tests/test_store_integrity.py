@@ -1,0 +1,190 @@
+"""Integrity of the gradient store: per-chunk checksums, seeded byte flips, old formats, `store verify`."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_metaif.cli import main
+from lightning_metaif.influence.store import (
+    MANIFEST_NAME,
+    GradientStore,
+    StoreChecksumError,
+    StoreFormatError,
+    read_header,
+    verify_store,
+)
+from lightning_metaif.influence.store.format import _padding
+from lightning_metaif.influence.tracin import store_tracin
+
+DIM, CHUNK_ROWS = 8, 5
+
+
+def _small_store(root: Path) -> GradientStore:
+    """A checkpoint (12 rows, 3 chunks, extra metadata) and a trajectory segment (12 rows, 3 chunks)."""
+    store = GradientStore(root, dim=DIM, dtype=torch.float16, chunk_bytes=DIM * 2 * CHUNK_ROWS)
+    gen = torch.Generator().manual_seed(0)
+    store.write_checkpoint(3, 0.1, torch.arange(12) * 7, torch.randn(12, DIM, generator=gen), extra={"e": 1})
+    for t in range(4):
+        store.append_step(10 + t, 0.05 * (t + 1), [t, t + 20, t + 40], torch.randn(3, DIM, generator=gen))
+    store.flush()
+    return store
+
+
+def _regions(path: Path) -> dict[str, list[tuple[int, int]]]:
+    h = read_header(path)
+    regions = {
+        "header": [(0, 64)],
+        "ids": [(h.ids_offset, h.ids_offset + 8 * h.rows)],
+        "data": [(h.data_offset, h.data_offset + h.rows * h.row_bytes)],
+        "table": [(h.table_offset, h.total_size)],
+        "padding": _padding(h),
+    }
+    if h.extra_len:
+        regions["extra"] = [(64, 64 + h.extra_len)]
+    if h.kind == "segment":
+        regions["steps"] = [(h.steps_offset, h.steps_offset + 8 * h.rows)]
+        regions["lrs"] = [(h.lrs_offset, h.lrs_offset + 8 * h.rows)]
+    return regions
+
+
+def _read_everything(root: Path) -> None:
+    """Every read a scoring pass does: open (headers), TracIn over all files (ids, steps, lrs, rows), dot."""
+    store = GradientStore.open(root, readonly=True)
+    store_tracin(store, torch.ones(DIM))
+    for info in store.checkpoints():
+        store.dot(info, torch.ones(DIM, 2))
+
+
+def test_seeded_single_byte_flips_are_all_detected(tmp_path: Path) -> None:
+    """120 seeded flips over both files, every region: `verify_store` reports each; reads refuse all but padding."""
+    store = _small_store(tmp_path)
+    files = [info.path for info in store.checkpoints()]
+    rng = np.random.default_rng(1234)
+    per_region = {
+        "header": 16,
+        "extra": 6,
+        "ids": 20,
+        "steps": 8,
+        "lrs": 8,
+        "data": 36,
+        "table": 14,
+        "padding": 12,
+    }
+    flips = []
+    for region, count in per_region.items():
+        for k in range(count):
+            path = files[k % len(files)]
+            spans = _regions(path).get(region) or _regions(files[(k + 1) % len(files)])[region]
+            if region not in _regions(path):
+                path = files[(k + 1) % len(files)]
+            lo, hi = spans[int(rng.integers(len(spans)))]
+            flips.append((region, path, int(rng.integers(lo, hi)), int(rng.integers(1, 256))))
+    assert len(flips) >= 100
+    detected_verify = detected_read = read_checked = 0
+    for region, path, pos, mask in flips:
+        good = path.read_bytes()
+        bad = bytearray(good)
+        bad[pos] ^= mask
+        path.write_bytes(bytes(bad))
+        try:
+            report = verify_store(tmp_path)
+            if not report.ok and path.name in " ".join(report.problems):
+                detected_verify += 1
+            if region != "padding":  # padding is never read; only `verify` checks it
+                read_checked += 1
+                try:
+                    _read_everything(tmp_path)
+                except StoreFormatError as err:
+                    assert path.name in str(err)
+                    detected_read += 1
+        finally:
+            path.write_bytes(good)
+    assert verify_store(tmp_path).ok
+    print(
+        f"\nbyte flips detected: verify {detected_verify}/{len(flips)}, reads {detected_read}/{read_checked}"
+    )
+    assert detected_verify == len(flips)
+    assert detected_read == read_checked
+
+
+def test_mismatch_names_file_record_chunk_and_opt_out(tmp_path: Path) -> None:
+    store = _small_store(tmp_path)
+    ckpt, seg = store.checkpoints()
+    h = read_header(ckpt.path)
+    rows = store.read(ckpt)[1].clone()
+    bad = bytearray(ckpt.path.read_bytes())
+    bad[h.data_offset + 11 * h.row_bytes + 3] ^= 0x40  # row 11: chunk 2 (rows 10-11)
+    ckpt.path.write_bytes(bytes(bad))
+    fresh = GradientStore.open(tmp_path)
+    pattern = (
+        r"ckpt-00000000-step3\.mgs: record 0, chunk 2 \(rows 10-11\): checksum mismatch in the data section"
+    )
+    with pytest.raises(StoreChecksumError, match=pattern) as caught:
+        fresh.dot(ckpt, torch.ones(DIM))
+    assert (caught.value.chunk, caught.value.section, caught.value.record) == (2, "data", 0)
+    with pytest.raises(StoreChecksumError, match=pattern):
+        fresh.read(ckpt)
+    with pytest.raises(StoreChecksumError, match=pattern):
+        fresh.tracin_scores(torch.ones(DIM))
+    # opting out reads the damaged bytes as they are (rows 0-10 unchanged, row 11 differs)
+    got = fresh.read(ckpt, verify=False)[1]
+    assert torch.equal(got[:11], rows[:11]) and not torch.equal(got[11], rows[11])
+    unchecked = GradientStore.open(tmp_path, verify=False)
+    torch.testing.assert_close(unchecked.dot(ckpt, torch.ones(DIM)), got.float().sum(1))
+    # the other file is intact and still readable
+    assert fresh.read_ids(seg).tolist() == [0, 20, 40, 1, 21, 41, 2, 22, 42, 3, 23, 43]
+    # an id flip is named as such
+    ids_bad = bytearray(seg.path.read_bytes())
+    ids_bad[read_header(seg.path).ids_offset + 8 * 6] ^= 1  # row 6: chunk 1
+    seg.path.write_bytes(bytes(ids_bad))
+    with pytest.raises(StoreChecksumError, match=r"record 1, chunk 1 \(rows 5-9\).*ids section"):
+        GradientStore.open(tmp_path).read_ids(seg)
+    report = verify_store(tmp_path)
+    assert len(report.problems) == 2 and "chunk 2" in report.problems[0] and "ids" in report.problems[1]
+
+
+def test_old_format_files_and_manifests_are_refused(tmp_path: Path) -> None:
+    store = GradientStore(tmp_path / "s", dim=3)
+    info = store.write_checkpoint(1, 0.1, [0, 1], torch.ones(2, 3))
+    raw = bytearray(info.path.read_bytes())
+    raw[8:10] = struct.pack("<H", 1)
+    raw[12:16] = b"\0\0\0\0"
+    extra_len = struct.unpack_from("<Q", raw, 48)[0]
+    raw[12:16] = struct.pack("<I", zlib.crc32(bytes(raw[: 64 + extra_len])))  # a valid header, version 1
+    old = tmp_path / "old.mgs"
+    old.write_bytes(bytes(raw))
+    with pytest.raises(
+        StoreFormatError, match=r"old\.mgs: gradient file format version 1.*before data checksums"
+    ):
+        read_header(old)
+    manifest = json.loads((tmp_path / "s" / MANIFEST_NAME).read_text())
+    manifest["version"] = 1
+    (tmp_path / "s" / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(StoreFormatError, match="older lightning-metaif.*Re-record the gradients"):
+        GradientStore.open(tmp_path / "s")
+
+
+def test_store_verify_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    store = _small_store(run / "metaif" / "store" / "rank0")
+    assert main(["store", "verify", str(run)]) == 0  # finds the store below a run directory
+    out = capsys.readouterr().out
+    assert "rank0: 2 files, 24 rows" in out and "intact" in out
+    ckpt = store.checkpoints()[0]
+    bad = bytearray(ckpt.path.read_bytes())
+    bad[read_header(ckpt.path).data_offset] ^= 0xFF
+    ckpt.path.write_bytes(bytes(bad))
+    assert main(["store", "verify", str(store.root)]) == 1
+    out = capsys.readouterr().out
+    assert "DAMAGED" in out and "record 0, chunk 0 (rows 0-4)" in out and "1 of 1 store(s) damaged" in out
+    assert main(["store", "verify", str(tmp_path / "run" / "metaif" / "store" / "rank0" / "x")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["store", "verify", str(tmp_path / "empty")]) == 2
+    assert "no gradient store" in capsys.readouterr().err

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from lightning_metaif.influence.store import (
     GradientStore,
     StoreChecksumError,
     StoreFormatError,
+    StoreLockedError,
     read_header,
     verify_store,
 )
@@ -24,6 +29,7 @@ from lightning_metaif.influence.store.format import _padding
 from lightning_metaif.influence.tracin import store_tracin
 
 DIM, CHUNK_ROWS = 8, 5
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _small_store(root: Path) -> GradientStore:
@@ -188,3 +194,54 @@ def test_store_verify_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     (tmp_path / "empty").mkdir()
     assert main(["store", "verify", str(tmp_path / "empty")]) == 2
     assert "no gradient store" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- one writer
+HOLD_LOCK = r"""
+import sys, time, torch
+from lightning_metaif.influence.store import GradientStore
+store = GradientStore(sys.argv[1], dim=4)
+store.write_checkpoint(7, 0.1, [0], torch.ones(1, 4))
+w = store.open_checkpoint(8, 0.1, 10)  # a write in flight when the process is killed
+w.write([0, 1], torch.ones(2, 4))
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_one_writer_per_store_and_a_killed_writer_leaves_no_stale_lock(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(root)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        with pytest.raises(
+            StoreLockedError, match=rf"open for writing in another process \(pid {child.pid} on"
+        ):
+            GradientStore(root, dim=4)
+        reader = GradientStore(root, dim=4, readonly=True)  # readers take no lock
+        assert [c.step for c in reader.checkpoints()] == [7]
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    assert (root / ".lock").exists()  # the lock file stays; the kernel released the lock itself
+    store = GradientStore(root, dim=4)  # recovered: cleans the killed write's temp file, keeps the commit
+    assert [c.step for c in store.checkpoints()] == [7] and not list(root.glob(".tmp-*"))
+    # in one process, writable objects of one directory share the lock; it is released when the last closes
+    again = GradientStore(root, dim=4)
+    again.write_checkpoint(9, 0.1, [1], torch.ones(1, 4))
+    probe = [
+        sys.executable,
+        "-c",
+        f"from lightning_metaif.influence.store import GradientStore as G; G({str(root)!r}, dim=4)",
+    ]
+    assert subprocess.run(probe, cwd=REPO, capture_output=True, timeout=120).returncode != 0
+    store.close()
+    again.close()
+    with pytest.raises(ValueError, match="was closed"):
+        again.write_checkpoint(10, 0.1, [1], torch.ones(1, 4))
+    assert again.dot(again.checkpoints()[-1], torch.ones(4)).tolist() == [4.0]  # still readable
+    done = subprocess.run(probe, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

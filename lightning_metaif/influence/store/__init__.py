@@ -15,6 +15,7 @@ from lightning_metaif.influence.store.format import (
     read_header,
     verify_file,
 )
+from lightning_metaif.influence.store.lock import StoreLockedError
 from lightning_metaif.influence.store.store import (
     FILE_SUFFIX,
     MANIFEST_NAME,
@@ -40,6 +41,7 @@ __all__ = [
     "GradientStore",
     "StoreChecksumError",
     "StoreFormatError",
+    "StoreLockedError",
     "StoreReport",
     "TracInResult",
     "read_header",

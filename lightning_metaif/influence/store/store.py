@@ -25,8 +25,11 @@ is *committed* once its manifest entry is written. A crash can leave:
   was interrupted, the removal is completed; otherwise opening raises ``ValueError`` (a silently missing
   checkpoint would bias TracIn scores).
 
-One process writes a store at a time (e.g. rank 0); other processes may open it with ``readonly=True`` (no clean
-up, no writes) and call :meth:`GradientStore.refresh` to see new commits. The class is not thread-safe.
+One process writes a store at a time (e.g. rank 0): a writable store holds an exclusive ``flock`` on
+``root/.lock`` (released by :meth:`GradientStore.close` or by the kernel when the process dies, so a killed
+writer leaves no stale lock), and a writer in a second process gets ``StoreLockedError``. Other processes may
+open it with ``readonly=True`` (no clean up, no writes, no lock) and call :meth:`GradientStore.refresh` to see
+new commits. The class is not thread-safe.
 
 **Trajectory segments.** TracIn along the trajectory records a few rows (the meta-batch) at every training step;
 one file per step would be too many files. :meth:`GradientStore.append_step` buffers rows (already converted to
@@ -44,6 +47,7 @@ asked for). :meth:`GradientStore.read` returns copy-on-write ``numpy.memmap``-ba
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -61,6 +65,7 @@ import xxhash
 from torch import Tensor
 
 from lightning_metaif._io import atomic_write, fsync_dir
+from lightning_metaif.influence.store import lock as _lock
 from lightning_metaif.influence.store.format import (
     _DTYPES,
     FORMAT_VERSION,
@@ -351,7 +356,9 @@ class GradientStore:
         projection: metadata of the projection that produced the rows (e.g. ``RandomProjection.state_dict()``),
             stored in the manifest; reopening with a different value raises.
         segment_bytes: bound of the in-memory buffer of :meth:`append_step` before it is written as a segment.
-        readonly: open an existing store for reading only (no temp-file clean up, no writes).
+        readonly: open an existing store for reading only (no temp-file clean up, no writes, no lock). A writable
+            store holds an exclusive OS lock on ``root/.lock`` until :meth:`close` (or until its process dies):
+            a writer in another process gets :class:`~lightning_metaif.influence.store.lock.StoreLockedError`.
         verify: check every chunk that a read returns against its checksum (default); ``False`` skips it (each
             read method also takes ``verify=``). A mismatch raises :class:`StoreChecksumError`.
         chunk_bytes: data bytes per checksum chunk of new files (rows per chunk = ``chunk_bytes // row bytes``);
@@ -400,6 +407,7 @@ class GradientStore:
         row_bytes = self.dim * _DTYPES[self.dtype_name][2].itemsize
         self.chunk_rows = max(1, min(int(chunk_bytes) // row_bytes, 2**32 - 1))
         self._tables: dict[str, np.ndarray] = {}
+        self._closed = False
         self._entries: dict[str, CheckpointInfo] = {}
         self._headers: dict[str, FileHeader] = {}
         self._buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
@@ -408,9 +416,15 @@ class GradientStore:
         if self.readonly:
             if not (self.root / MANIFEST_NAME).is_file():
                 raise ValueError(f"{self.root}: no {MANIFEST_NAME}; a read-only store must already exist.")
+            self._lock_key = None
         else:
             self.root.mkdir(parents=True, exist_ok=True)
-        self._load()
+            self._lock_key = _lock.acquire(self.root)  # before _load: it cleans up and rewrites the manifest
+        try:
+            self._load()
+        except BaseException:
+            self._release()
+            raise
 
     # ------------------------------------------------------------------ opening / manifest
     @classmethod
@@ -584,6 +598,8 @@ class GradientStore:
             raise ValueError(
                 f"{self.root} was opened with readonly=True; open it writable to add or remove data."
             )
+        if self._closed:
+            raise ValueError(f"{self.root}: this GradientStore was closed; open it again to write.")
 
     def _next_index(self) -> int:
         self._max_index += 1
@@ -721,9 +737,24 @@ class GradientStore:
         return info
 
     def close(self) -> None:
-        """Flush the trajectory buffer (read-only stores: nothing to do)."""
-        if not self.readonly:
-            self.flush()
+        """Flush the trajectory buffer and release the writer lock (read-only stores: nothing to do).
+
+        A closed writable store can still be read; writing to it again raises. Idempotent.
+        """
+        if not self.readonly and self._lock_key is not None:
+            try:
+                self.flush()
+            finally:
+                self._release()
+        self._closed = True
+
+    def _release(self) -> None:
+        key, self._lock_key = getattr(self, "_lock_key", None), None
+        _lock.release(key)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            self._release()
 
     def __enter__(self) -> GradientStore:
         return self

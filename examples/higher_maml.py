@@ -30,6 +30,7 @@ from lightning_metaif import (
     corrupt_tasks,
     digits_splits,
 )
+from lightning_metaif.quiet import quiet_lightning
 
 
 class HigherMAML(pl.LightningModule):
@@ -85,6 +86,7 @@ def main(argv=None):
     parser.add_argument("--fast", action="store_true", help="tiny run for CI")
     parser.add_argument("--output-dir", default="runs/higher_maml")
     args = parser.parse_args(argv)
+    quiet_lightning()  # no Lightning tips or warnings you cannot act on (see lightning_metaif.quiet)
     fast = args.fast or os.environ.get("METAIF_EXAMPLES_FAST") == "1"
 
     pl.seed_everything(0)
@@ -106,6 +108,7 @@ def main(argv=None):
         drop_last=True,
     )
     trainer = pl.Trainer(
+        log_every_n_steps=2,  # a few batches per epoch here: log every other step
         max_epochs=2 if fast else 8,
         callbacks=[influence],
         default_root_dir=args.output_dir,

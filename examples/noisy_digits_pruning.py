@@ -17,6 +17,7 @@ import torch
 
 from lightning_metaif import MAML, MetaDataModule, MetaInfluence, PruningPolicy, corrupt_tasks, digits_splits
 from lightning_metaif.cli import FlatMLP
+from lightning_metaif.quiet import quiet_lightning
 
 
 def train(splits, train_pool, corrupted, *, prune, epochs, output_dir, seed=0):
@@ -32,6 +33,7 @@ def train(splits, train_pool, corrupted, *, prune, epochs, output_dir, seed=0):
     dm = MetaDataModule(train_pool, splits.val, splits.test, batch_size=10, task_state=influence.task_state)
     model = MAML(FlatMLP(64, 5, hidden=(128, 128)), inner_lr=1.0, outer_lr=3e-3, num_ways=5)
     trainer = pl.Trainer(
+        log_every_n_steps=2,  # a few batches per epoch here: log every other step
         max_epochs=epochs,
         callbacks=[influence],
         accelerator="cpu",
@@ -54,6 +56,7 @@ def main(argv=None):
     parser.add_argument("--fast", action="store_true", help="tiny run for CI")
     parser.add_argument("--output-dir", default="runs/noisy_digits_pruning")
     args = parser.parse_args(argv)
+    quiet_lightning()  # no Lightning tips or warnings you cannot act on (see lightning_metaif.quiet)
     fast = args.fast or os.environ.get("METAIF_EXAMPLES_FAST") == "1"
     torch.set_num_threads(1)  # tiny networks: one thread is fastest
 

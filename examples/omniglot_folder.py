@@ -17,6 +17,7 @@ import sys
 import lightning.pytorch as pl
 
 from lightning_metaif import MAML, ConvNet, MetaDataModule, MetaInfluence, omniglot_splits
+from lightning_metaif.quiet import quiet_lightning
 
 
 def main(argv=None):
@@ -38,6 +39,7 @@ def main(argv=None):
     parser.add_argument("--fast", action="store_true", help="tiny run for CI")
     parser.add_argument("--output-dir", default="runs/omniglot_folder")
     args = parser.parse_args(argv)
+    quiet_lightning()  # no Lightning tips or warnings you cannot act on (see lightning_metaif.quiet)
     fast = args.fast or os.environ.get("METAIF_EXAMPLES_FAST") == "1"
 
     def count(value):
@@ -69,6 +71,7 @@ def main(argv=None):
         ConvNet(1, 5, hidden=8 if fast else 64, image_size=28), inner_lr=0.4, outer_lr=1e-3, num_ways=5
     )
     trainer = pl.Trainer(
+        log_every_n_steps=2,  # a few batches per epoch here: log every other step
         max_epochs=1 if fast else 10,
         callbacks=[influence],
         accelerator="auto",

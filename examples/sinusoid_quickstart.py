@@ -10,6 +10,7 @@ import os
 import lightning.pytorch as pl
 
 from lightning_metaif import MAML, MLP, MetaDataModule, MetaInfluence, sinusoid_splits
+from lightning_metaif.quiet import quiet_lightning
 
 
 def main(argv=None):
@@ -19,6 +20,7 @@ def main(argv=None):
     parser.add_argument("--fast", action="store_true", help="tiny run for CI")
     parser.add_argument("--output-dir", default="runs/sinusoid_quickstart")
     args = parser.parse_args(argv)
+    quiet_lightning()  # no Lightning tips or warnings you cannot act on (see lightning_metaif.quiet)
     fast = args.fast or os.environ.get("METAIF_EXAMPLES_FAST") == "1"
 
     pl.seed_everything(0)
@@ -27,6 +29,7 @@ def main(argv=None):
     )
     influence = MetaInfluence(mode="trajectory")  # <- the one line: score every training task while it trains
     trainer = pl.Trainer(
+        log_every_n_steps=2,  # a few batches per epoch here: log every other step
         max_epochs=2 if fast else 30,
         callbacks=[influence],
         default_root_dir=args.output_dir,

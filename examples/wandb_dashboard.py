@@ -31,10 +31,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import wandb
-from lightning.pytorch.loggers import WandbLogger
 
 from lightning_metaif import MAML, MetaDataModule, MetaInfluence, PruningPolicy, corrupt_tasks, digits_splits
 from lightning_metaif.cli import FlatMLP
+from lightning_metaif.quiet import quiet_lightning, wandb_logger
 
 
 def main(argv=None):
@@ -44,6 +44,7 @@ def main(argv=None):
     parser.add_argument("--fast", action="store_true", help="tiny run for CI")
     parser.add_argument("--output-dir", default="runs/wandb_dashboard")
     args = parser.parse_args(argv)
+    quiet_lightning()  # no Lightning tips or warnings you cannot act on (see lightning_metaif.quiet)
     fast = args.fast or os.environ.get("METAIF_EXAMPLES_FAST") == "1"
     torch.set_num_threads(1)
 
@@ -56,10 +57,11 @@ def main(argv=None):
         corrupted_task_ids=corruption.task_ids,
     )
     dm = MetaDataModule(train_pool, splits.val, splits.test, batch_size=10, task_state=influence.task_state)
-    logger = WandbLogger(
+    logger = wandb_logger(  # Lightning's WandbLogger, minus a deprecated setting wandb warns about
         project="lightning-metaif", name="wandb-dashboard", save_dir=args.output_dir, mode="offline"
     )
     trainer = pl.Trainer(
+        log_every_n_steps=2,  # a few batches per epoch here: log every other step
         max_epochs=3 if fast else 30,
         callbacks=[influence],
         logger=logger,

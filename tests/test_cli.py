@@ -35,14 +35,14 @@ def _pngs(html_text: str) -> list[bytes]:
 def demo_run(tmp_path_factory):
     """One `lightning-metaif demo --fast` run with W&B offline (shared by the tests below; ~20-40 s)."""
     root = tmp_path_factory.mktemp("demo")
-    out = io.StringIO()
+    out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
         for name in WANDB_VARS:
             mp.setenv(name, str(root / name.lower()))
         mp.setenv("WANDB_MODE", "offline")
-        with contextlib.redirect_stdout(out):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(["demo", "--fast", "--output-dir", str(root / "run"), "--logger", "wandb"])
-    return code, root / "run", out.getvalue()
+    return code, root / "run", out.getvalue() + err.getvalue()
 
 
 def test_demo_fast_exits_cleanly_and_prints_the_summary(demo_run):
@@ -59,8 +59,13 @@ def test_demo_fast_exits_cleanly_and_prints_the_summary(demo_run):
         "Time: data",
         "Report: ",
         "wandb sync",
+        "Most harmful samples",
+        "± one standard error over the test batches",
+        "counted from 0",
     ):
         assert needle in printed, needle
+    assert "anonymous" not in printed and "Tip:" not in printed and "GPU available" not in printed
+    assert re.search(r"round  0 \(of 0-5\)", printed)  # rounds from 0, like scores_round_0000.csv
     summary = json.loads((run_dir / "summary.json").read_text())
     assert len(summary["corrupted_task_ids"]) == 8  # 20% of 40
     assert 0.0 <= summary["accuracy"]["with_pruning"] <= 1.0
@@ -71,14 +76,28 @@ def test_demo_fast_exits_cleanly_and_prints_the_summary(demo_run):
     assert len(summary["most_harmful"]) == 5 and len(summary["most_helpful"]) == 5
     scores = [r["score"] for r in summary["most_harmful"]]
     assert scores == sorted(scores)
+    # every path in summary.json is relative to its folder
+    assert summary["report"] == "report.html"
+    for run in summary["runs"].values():
+        assert (run_dir / run["metaif"]).is_dir() and (run_dir / run["wandb"]).is_dir()
+    # rounds from 0: a prune round is the index of a scores_round_XXXX.csv file with a prune decision
+    with open(run_dir / "with_pruning" / "metaif" / "decisions.csv") as f:
+        prune_rounds = sorted({int(r["round"]) for r in csv.DictReader(f) if r["action"] == "prune"})
+    assert summary["prune_rounds"] == prune_rounds
+    samples = summary["most_harmful_samples"]
+    assert len(samples) == 5 and [s["score"] for s in samples] == sorted(s["score"] for s in samples)
 
 
 def test_demo_report_has_embedded_plots(demo_run):
     _, run_dir, _ = demo_run
     text = (run_dir / "report.html").read_text()
     pngs = _pngs(text)
-    # accuracy, detection curve, AUROC per round + (histogram, top-k bars, trajectories) for each of the 2 runs
-    assert len(pngs) == 9
+    # accuracy, detection curve, AUROC per round + (histogram, top-k bars, trajectories, harmful samples) for
+    # each of the 2 runs
+    assert len(pngs) == 11
+    assert text.count("<h3>Most harmful samples") == 2 and "support[" not in text.split("<h3>Most harmful")[0]
+    assert "e-0" not in text.split("<table>", 1)[1]  # scores as plain decimals, not -8.5809e-01
+    assert "rot" in text  # class names ("7 rot270") from summary.json
     assert all(p.startswith(b"\x89PNG\r\n\x1a\n") and len(p) > 2000 for p in pngs)
     assert "meta-test accuracy" in text.lower() and "with_pruning" in text and "without_pruning" in text
     assert 'src="http' not in text  # self-contained
@@ -115,12 +134,14 @@ def test_report_rebuilds_from_the_run_directory(demo_run, tmp_path, capsys):
     out = tmp_path / "again.html"
     assert main(["report", str(run_dir), "--output", str(out)]) == 0
     assert str(out) in capsys.readouterr().out
-    assert len(_pngs(out.read_text())) == 9
+    # the harmful-sample images come back from the samples_round_*_images.pt files
+    assert len(_pngs(out.read_text())) == 11
     # any folder with a run that used the callback (no summary.json: no accuracy plot)
     single = tmp_path / "single.html"
     assert main(["report", str(run_dir / "without_pruning"), "--output", str(single)]) == 0
     text = single.read_text()
-    assert len(_pngs(text)) == 5 and "Meta-test accuracy" not in text
+    # detection curve, AUROC per round, histogram, top-k bars, trajectories, harmful samples
+    assert len(_pngs(text)) == 6 and "Meta-test accuracy" not in text
 
 
 def test_report_and_demo_reject_bad_input(tmp_path, capsys):

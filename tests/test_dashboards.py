@@ -477,3 +477,34 @@ def test_table_json_files_are_valid_json(wandb_logger, tmp_path):
 
     for path in files:
         json.loads(path.read_text(), parse_constant=bare)
+
+
+def test_report_flags_tasks_that_moved_into_the_most_harmful_after_pruning(tmp_path):
+    from lightning_metaif.dashboards.files import RunFiles
+    from lightning_metaif.dashboards.report import rank_changes_after_pruning
+    from lightning_metaif.dashboards.round import Decision, ScoreRound
+
+    ids = torch.arange(6)
+    pruned = torch.tensor([True, True, False, False, False, False])
+    at_pruning = ScoreRound(
+        step=10,
+        epoch=0,
+        estimator="trajectory",
+        task_ids=ids,
+        scores=torch.tensor([-3.0, -2.0, -1.0, 0.5, 1.0, 2.0]),
+        pruned=pruned,
+        decisions=[Decision(step=10, epoch=0, action="prune", task_ids=[0, 1], reason="lowest")],
+    )
+    final = ScoreRound(
+        step=20,
+        epoch=1,
+        estimator="trajectory",
+        task_ids=ids,
+        scores=torch.tensor([-3.0, -2.0, 0.2, -0.5, 1.0, 2.0]),
+        pruned=pruned,
+    )
+    run = RunFiles(directory=tmp_path, rounds=[at_pruning, final])
+    # among the kept tasks {2, 3, 4, 5}: task 3 was 2nd most harmful when 0 and 1 were pruned, 1st now
+    assert rank_changes_after_pruning(run, k=1) == {3: (2, 1)}
+    assert rank_changes_after_pruning(run, k=2) == {}  # both of the 2 most harmful were already there
+    assert rank_changes_after_pruning(RunFiles(directory=tmp_path, rounds=[final]), k=1) == {}  # no pruning

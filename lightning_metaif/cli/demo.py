@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +17,7 @@ from torch import Tensor
 from lightning_metaif.cli import ESTIMATORS
 from lightning_metaif.cli.components import FlatMLP
 from lightning_metaif.meta.datamodule import MetaDataModule
+from lightning_metaif.quiet import quiet_lightning, wandb_logger
 
 
 @dataclass
@@ -40,6 +39,7 @@ class DemoConfig:
     inner_lr: float = 1.0
     outer_lr: float = 3e-3
     projection_dim: int = 256
+    sample_top_k: int = 8
     warmup_rounds: int | None = None
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -86,15 +86,6 @@ def _wandb_available() -> bool:
     return True
 
 
-def _quiet_lightning() -> None:
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*Checkpoint directory.*exists and is not empty.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
-
-
 def _round_progress_callback(label: str, total_rounds: int, enabled: bool) -> Any:
     """A callback that writes one line per scoring round (through ``tqdm.write`` so progress bars survive)."""
     import lightning.pytorch as pl
@@ -116,8 +107,9 @@ def _round_progress_callback(label: str, total_rounds: int, enabled: bool) -> An
             if len(self.lines) >= influence.rounds:
                 return
             pruned_now = sum(len(d.task_ids) for d in result.decisions if d.action == "prune")
+            # rounds are numbered from 0, as in the score files (scores_round_0000.csv) and the report
             line = (
-                f"[{label}] scoring round {influence.rounds:>3}/{total_rounds} step {result.step:>4}: "
+                f"[{label}] round {influence.rounds - 1:>2} (of 0-{total_rounds - 1}) step {result.step:>4}: "
                 f"{metrics.get('influence/fraction_harmful', math.nan):4.0%} harmful"
             )
             if "influence/auroc" in metrics:
@@ -199,6 +191,7 @@ def _train_once(cfg: DemoConfig, label: str, prune: bool, data: dict[str, Any]) 
         projection_dim=cfg.projection_dim,
         corrupted_task_ids=data["corrupted"] or None,
         store_dir=run_dir / "metaif",
+        sample_top_k=cfg.sample_top_k,
         damping=1.0,  # task_if only: MAML's meta-Hessian is indefinite; CG needs H + δI positive definite
         l2=1e-3,
         ensemble_copies=2,
@@ -222,9 +215,7 @@ def _train_once(cfg: DemoConfig, label: str, prune: bool, data: dict[str, Any]) 
     )
     use_wandb = cfg.logger == "wandb" or (cfg.logger == "auto" and _wandb_available())
     if use_wandb:
-        from lightning.pytorch.loggers import WandbLogger
-
-        logger: Any = WandbLogger(
+        logger: Any = wandb_logger(
             project="lightning-metaif-demo",
             name=f"{cfg.output_dir.name}-{label}",
             save_dir=str(run_dir),
@@ -310,6 +301,37 @@ def _task_rows(result: Any, k: int, harmful: bool) -> list[dict[str, Any]]:
     return [rows[p] for p in order[:k]]
 
 
+def _relative(path: str | None, cfg: DemoConfig) -> str | None:
+    """``path`` relative to the output folder (where ``summary.json`` lives), ``/``-separated."""
+    if path is None:
+        return None
+    assert cfg.output_dir is not None
+    return Path(os.path.relpath(Path(path).resolve(), Path(cfg.output_dir).resolve())).as_posix()
+
+
+def _sample_rows(result: Any, k: int) -> list[dict[str, Any]]:
+    rows = sorted((s for s in result.sample_rows or [] if math.isfinite(s.score)), key=lambda s: s.score)
+    classes = {} if result.classes is None else dict(zip(result.task_ids.tolist(), result.classes))
+
+    def label_class(s: Any) -> int | None:  # the class the (possibly corrupted) label names
+        task_classes = classes.get(s.task_id)
+        if isinstance(s.label, int) and task_classes and 0 <= s.label < len(task_classes):
+            return int(task_classes[s.label])
+        return None
+
+    return [
+        {
+            "task_id": s.task_id,
+            "split": s.split,
+            "index": s.index,
+            "label": s.label,
+            "label_class": label_class(s),
+            "score": s.score,
+        }
+        for s in rows[:k]
+    ]
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo (both training runs, the report) and return the summary (also written to ``summary.json``)."""
     from lightning_metaif.dashboards.metrics import round_metrics
@@ -320,7 +342,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     _check_demo_config(cfg)
     if cfg.logger == "wandb" and not _wandb_available():
         raise ValueError("--logger wandb needs the wandb package: pip install 'lightning-metaif[wandb]'.")
-    _quiet_lightning()
+    quiet_lightning()
     os.environ.setdefault("WANDB_SILENT", "true")
     torch.set_num_threads(1)  # tiny networks: one thread is fastest (and no spinning on a busy machine)
     total_start = time.perf_counter()
@@ -359,6 +381,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     final = baseline.influence.result
     detection = round_metrics(final) if final is not None else {}
     prune_decisions = [d for d in pruned_run.influence.decisions if d.action == "prune"]
+    # rounds are numbered from 0 (as in scores_round_0000.csv): the round of a decision is the history row
+    # (one per round, in order) logged at the decision's step
+    history_steps = [h.get("influence/step") for h in pruned_run.influence.history]
+    prune_rounds = sorted(
+        {i for d in prune_decisions for i, step in enumerate(history_steps) if step == float(d.step)}
+    )
     pruned_ids = sorted(pruned_run.influence.task_state.pruned)
     corrupted_set = set(corrupted)
     at_pruning = None
@@ -377,14 +405,18 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "kind": "lightning-metaif demo",
         "config": _jsonable(cfg),
         "primary": "with_pruning",
+        "paths": "relative to the folder of this file",
         "runs": {
-            "with_pruning": {"metaif": "with_pruning/metaif", "wandb": pruned_run.wandb_dir},
-            "without_pruning": {"metaif": "without_pruning/metaif", "wandb": baseline.wandb_dir},
+            "with_pruning": {"metaif": "with_pruning/metaif", "wandb": _relative(pruned_run.wandb_dir, cfg)},
+            "without_pruning": {
+                "metaif": "without_pruning/metaif",
+                "wandb": _relative(baseline.wandb_dir, cfg),
+            },
         },
         "corrupted_task_ids": corrupted,
         "pruned_task_ids": pruned_ids,
         "pruned_corrupted": len(set(pruned_ids) & corrupted_set),
-        "prune_rounds": sorted({d.epoch + 1 for d in prune_decisions}),
+        "prune_rounds": prune_rounds,
         "detection": {
             "source": "without_pruning, last round",
             "auroc": detection.get("influence/auroc", math.nan),
@@ -395,6 +427,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         },
         "most_harmful": _task_rows(final, 5, True) if final is not None else [],
         "most_helpful": _task_rows(final, 5, False) if final is not None else [],
+        "most_harmful_samples": _sample_rows(final, 5) if final is not None else [],
+        "class_names": {str(c): n for c, n in sorted((splits.class_names or {}).items())},
         "accuracy": {
             "without_pruning": acc_without,
             "with_pruning": acc_with,
@@ -429,7 +463,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     report_path = build_report(cfg.output_dir)
     summary["seconds"]["report"] = time.perf_counter() - report_start
     summary["seconds"]["total"] = time.perf_counter() - total_start
-    summary["report"] = str(report_path)
+    summary["report"] = _relative(str(report_path), cfg)
     (cfg.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
     return summary
 

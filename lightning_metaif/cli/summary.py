@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lightning_metaif.dashboards.text import format_classes, format_score
+
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The demo's closing text (readable in ten seconds)."""
@@ -19,13 +21,15 @@ def format_summary(summary: dict[str, Any]) -> str:
         "=" * 100,
     ]
 
+    names = {int(c): n for c, n in (summary.get("class_names") or {}).items()}
+    out_dir = Path(cfg["output_dir"])
+
     def table(title: str, rows: list[dict[str, Any]]) -> list[str]:
-        out = [title, f"  {'task':>6} {'score':>11}  {'corrupted':<9} {'pruned':<6} classes"]
+        out = [title, f"  {'task':>6} {'score':>8}  {'corrupted':<9} {'pruned':<6} classes"]
         for r in rows:
-            cls = " ".join(str(c) for c in (r.get("classes") or []))
             out.append(
-                f"  {r['id']:>6} {r['score']:>11.3e}  {'YES' if r.get('corrupted') else 'no':<9} "
-                f"{'yes' if r.get('pruned_in_pruning_run') else '-':<6} {cls}"
+                f"  {r['id']:>6} {format_score(r['score']):>8}  {'YES' if r.get('corrupted') else 'no':<9} "
+                f"{'yes' if r.get('pruned_in_pruning_run') else '-':<6} {format_classes(r.get('classes'), names)}"
             )
         return out
 
@@ -34,6 +38,17 @@ def format_summary(summary: dict[str, Any]) -> str:
         summary["most_harmful"],
     )
     lines += table("Most helpful tasks:", summary["most_helpful"])
+    samples = summary.get("most_harmful_samples") or []
+    if samples:
+        lines.append(
+            "Most harmful samples (instance influence of the most harmful tasks; images in the report and W&B):"
+        )
+        lines += [
+            f"  task {r['task_id']:>3} {r['split']:<7}[{r['index']:>2}] score {format_score(r['score']):>8}  "
+            f"label {r['label']}"
+            + (f" ({format_classes([r['label_class']], names)})" if r.get("label_class") is not None else "")
+            for r in samples
+        ]
     if corrupted:
         m = len(corrupted)
         lines.append(
@@ -50,7 +65,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     n_pruned = len(summary["pruned_task_ids"])
     if n_pruned:
         rounds = summary["prune_rounds"]
-        when = f"round{'s' if len(rounds) > 1 else ''} {', '.join(str(r) for r in rounds)}"
+        when = f"round{'s' if len(rounds) > 1 else ''} {', '.join(str(r) for r in rounds)}, counted from 0"
         line = f"Pruning: {n_pruned} tasks pruned ({when})"
         if corrupted:
             line += f", {summary['pruned_corrupted']} of them corrupted ({summary['pruned_corrupted'] / n_pruned:.0%})"
@@ -65,10 +80,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         else ("hurt" if acc["difference"] < -2 * acc["difference_se"] else "made no clear difference")
     )
     lines.append(
-        f"Meta-test accuracy ({acc['num_test_tasks']} unseen-class tasks): without pruning "
-        f"{acc['without_pruning']:.1%} ± {acc['without_pruning_se']:.1%}  |  with pruning {acc['with_pruning']:.1%}"
-        f" ± {acc['with_pruning_se']:.1%}  |  difference {100 * acc['difference']:+.1f} points "
-        f"(paired s.e. {100 * acc['difference_se']:.1f}): pruning {verdict}"
+        f"Meta-test accuracy ({acc['num_test_tasks']} unseen-class tasks; ± one standard error over the test "
+        f"batches): without pruning {acc['without_pruning']:.1%} ± {acc['without_pruning_se']:.1%}  |  with "
+        f"pruning {acc['with_pruning']:.1%} ± {acc['with_pruning_se']:.1%}  |  difference "
+        f"{100 * acc['difference']:+.1f} points (paired s.e. {100 * acc['difference_se']:.1f}): pruning {verdict}"
     )
     lines.append(
         f"Time: data {sec['data']:.1f}s | training with pruning {sec['train_with_pruning']:.1f}s (tracing "
@@ -76,13 +91,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{sec['train_without_pruning']:.1f}s | meta-test {sec['meta_test']:.1f}s | report "
         f"{sec.get('report', math.nan):.1f}s | total {sec.get('total', math.nan):.0f}s"
     )
-    lines.append(f"Report: {summary.get('report')}")
-    wandb_dirs = [r["wandb"] for r in summary["runs"].values() if r.get("wandb")]
+    lines.append(f"Report: {out_dir / summary['report'] if summary.get('report') else None}")
+    wandb_dirs = [out_dir / r["wandb"] for r in summary["runs"].values() if r.get("wandb")]
     if wandb_dirs:
         lines.append("W&B offline runs (upload with `wandb sync <dir>`):")
         lines += [f"  {d}" for d in wandb_dirs]
     else:
-        lines.append(f"CSV logs and score files: {Path(summary['config']['output_dir'])}/*/metaif/")
+        lines.append(f"CSV logs and score files: {out_dir}/*/metaif/")
     lines.append("=" * 100)
     return "\n".join(lines)
 

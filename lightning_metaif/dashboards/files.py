@@ -5,7 +5,9 @@ Layout of ``directory`` after ``RoundFileWriter.write`` was called for rounds 0.
 * ``scores_round_{k:04d}.csv``: every task of round k: ``task_id, score, self_influence, rank, weight, pruned,
   classes, corrupted`` (rank 1 = most harmful, empty for non-finite scores; classes space-separated; booleans 0/1;
   empty = unknown). Written atomically (temporary file + ``os.replace``).
-* ``samples_round_{k:04d}.csv``: sample-level scores of round k, when the round has sample rows (no images).
+* ``samples_round_{k:04d}.csv``: sample-level scores of round k, when the round has sample rows; their images
+  (when inputs are images) in ``samples_round_{k:04d}_images.pt`` (``{"rows": [...], "images": [...]}``, loaded
+  with ``weights_only=True``), which the HTML report shows.
 * ``scores_history.csv``: long format, appended: ``round, step, epoch, task_id, score, weight, pruned``.
 * ``decisions.csv``: appended: ``round, step, epoch, action, task_ids (space-separated), reason``.
 * ``metrics.csv``: one row per round (``round, step, epoch, estimator, seconds`` + the ``round_metrics`` keys); rewritten
@@ -151,6 +153,18 @@ class RoundFileWriter:
             paths["samples"] = d / f"samples_round_{k:04d}.csv"
             rows = ([s.task_id, s.split, s.index, s.score, s.label] for s in round.sample_rows)
             atomic_write(paths["samples"], _csv_text(SAMPLE_COLUMNS, rows))
+            with_images = [(i, s.image) for i, s in enumerate(round.sample_rows) if s.image is not None]
+            if with_images:
+                paths["sample_images"] = d / f"samples_round_{k:04d}_images.pt"
+                buffer = io.BytesIO()
+                torch.save(
+                    {
+                        "rows": [i for i, _ in with_images],
+                        "images": [img.detach().to("cpu").contiguous() for _, img in with_images],
+                    },
+                    buffer,
+                )
+                atomic_write(paths["sample_images"], buffer.getvalue())
         _append(
             paths["history"],
             HISTORY_COLUMNS,
@@ -192,7 +206,7 @@ class RoundFileWriter:
 
 @dataclass
 class RunFiles:
-    """What :func:`load_run` read: rounds (as :class:`ScoreRound`, without images), metrics rows, history rows."""
+    """What :func:`load_run` read: rounds (as :class:`ScoreRound`), metrics rows, history rows, decisions."""
 
     directory: Path
     rounds: list[ScoreRound] = field(default_factory=list)
@@ -205,7 +219,8 @@ def load_run(directory: str | os.PathLike[str]) -> RunFiles:
     """Read back everything :class:`RoundFileWriter` wrote under ``directory``.
 
     ``rounds[k]`` is a :class:`ScoreRound` rebuilt from ``scores_round_k``, ``metrics.csv`` (step, epoch,
-    estimator, seconds), ``decisions.csv`` and ``samples_round_k`` (images are not stored).
+    estimator, seconds), ``decisions.csv`` and ``samples_round_k`` (with the sample images when they were
+    written).
     """
     d = Path(directory)
     score_files = sorted(d.glob("scores_round_*.csv"))
@@ -266,6 +281,12 @@ def load_run(directory: str | os.PathLike[str]) -> RunFiles:
                 )
                 for r in _read(samples_path)
             ]
+            images_path = d / f"samples_round_{k:04d}_images.pt"
+            if images_path.exists():
+                stored = torch.load(images_path, weights_only=True)
+                for i, image in zip(stored["rows"], stored["images"]):
+                    if 0 <= int(i) < len(samples):
+                        samples[int(i)].image = image
         rounds.append(
             ScoreRound(
                 step=int(meta["step"]),

@@ -7,8 +7,13 @@ matplotlib (Agg backend) and embedded as base64 PNG, so the single HTML file can
 
 Plots per scored run: histogram of the final scores (split by corrupted / clean when ground truth is known),
 the most harmful and most helpful tasks (bars), score trajectories over the scoring rounds, detection AUROC
-per round; across runs: the detection curve (recall of the corrupted tasks vs the fraction of tasks
-inspected, most harmful first) and meta-test accuracy with and without pruning (demo only).
+per round, the most harmful samples with their images (when the callback scored samples); across runs: the
+detection curve (recall of the corrupted tasks vs the fraction of tasks inspected, most harmful first) and
+meta-test accuracy with and without pruning (demo only).
+
+Rounds are numbered from 0, as in the file names (``scores_round_0000.csv``) and on the console. Scores are
+printed as plain decimals (:func:`~lightning_metaif.dashboards.text.format_score`); classes by name when the
+run's ``summary.json`` has ``class_names``.
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ import torch
 
 from lightning_metaif._io import atomic_write
 from lightning_metaif.dashboards.files import RunFiles, load_run
-from lightning_metaif.dashboards.round import ScoreRound
+from lightning_metaif.dashboards.round import SampleScore, ScoreRound
+from lightning_metaif.dashboards.text import format_classes, format_score
 
 __all__ = ["build_report", "find_metaif_dirs", "render_report"]
 
 HARMFUL_COLOR, HELPFUL_COLOR, CORRUPT_COLOR, CLEAN_COLOR = "#d62728", "#2ca02c", "#d62728", "#1f77b4"
+NEUTRAL_COLOR = "#7f7f7f"
 
 
 def find_metaif_dirs(run_dir: str | os.PathLike[str]) -> list[Path]:
@@ -115,7 +122,7 @@ def _top_bars(round_: ScoreRound, title: str, k: int = 10) -> str:
             labels.append(f"task {tid}" + (" (pruned)" if pruned else ""))
             values.append(float(round_.scores[p]))
             colors.append(
-                CORRUPT_COLOR if corrupt else (HELPFUL_COLOR if name == "most helpful" else "#7f7f7f")
+                CORRUPT_COLOR if corrupt else (HELPFUL_COLOR if name == "most helpful" else NEUTRAL_COLOR)
             )
             hatches.append("//" if pruned else "")
         bars = ax.barh(range(len(values)), values, color=colors)
@@ -124,12 +131,28 @@ def _top_bars(round_: ScoreRound, title: str, k: int = 10) -> str:
         ax.set_yticks(range(len(values)), labels, fontsize=8)
         ax.invert_yaxis()
         ax.axvline(0.0, color="black", lw=0.8)
-        ax.set_title(
-            f"{name} ({'red = corrupted' if round_.corrupted is not None else 'no ground truth'})", fontsize=9
-        )
+        ax.set_title(name, fontsize=9)
         ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 2))
+        ax.set_xlabel("score")
+    from matplotlib.patches import Patch
+
+    legend = [
+        Patch(
+            facecolor=NEUTRAL_COLOR,
+            label="harmful" + (", not corrupted" if round_.corrupted is not None else ""),
+        ),
+        Patch(
+            facecolor=HELPFUL_COLOR,
+            label="helpful" + (", not corrupted" if round_.corrupted is not None else ""),
+        ),
+    ]
+    if round_.corrupted is not None:
+        legend.append(Patch(facecolor=CORRUPT_COLOR, label="corrupted (ground truth)"))
+    if bool(round_.pruned.any()):
+        legend.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="pruned (hatched)"))
+    fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     return _img(fig, f"top tasks: {title}")
 
 
@@ -155,7 +178,7 @@ def _trajectories(run: RunFiles, title: str, k: int = 5) -> str | None:
     rounds = sorted(by_round)
     qs = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
     bands = [torch.quantile(torch.tensor(by_round[r], dtype=torch.float64), qs).tolist() for r in rounds]
-    xs = [r + 1 for r in rounds]
+    xs = list(rounds)
     ax.fill_between(
         xs,
         [b[0] for b in bands],
@@ -169,13 +192,13 @@ def _trajectories(run: RunFiles, title: str, k: int = 5) -> str | None:
         points.sort()
         color = HARMFUL_COLOR if chosen[tid] == "harmful" else HELPFUL_COLOR
         style = "-" if tid not in corrupted else "--"
-        ax.plot([r + 1 for r, _ in points], [s for _, s in points], style, color=color, lw=1.2, alpha=0.9)
+        ax.plot([r for r, _ in points], [s for _, s in points], style, color=color, lw=1.2, alpha=0.9)
     ax.plot([], [], "-", color=HARMFUL_COLOR, label=f"{k} most harmful (final)")
     ax.plot([], [], "-", color=HELPFUL_COLOR, label=f"{k} most helpful (final)")
     if corrupted:
         ax.plot([], [], "--", color="black", label="dashed = corrupted")
     ax.axhline(0.0, color="black", lw=0.6)
-    ax.set_xlabel("scoring round")
+    ax.set_xlabel("scoring round (from 0)")
     ax.set_ylabel("cumulative score")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="best")
@@ -188,7 +211,7 @@ def _metric_series(run: RunFiles, key: str) -> tuple[list[float], list[float]]:
     for row in run.metrics:
         value = row.get(key)
         if isinstance(value, float) and math.isfinite(value):
-            xs.append(float(row["round"]) + 1)
+            xs.append(float(row["round"]))
             ys.append(value)
     return xs, ys
 
@@ -204,7 +227,7 @@ def _auroc_per_round(runs: Mapping[str, RunFiles]) -> str | None:
         ax.plot(xs, ys, marker="o", ms=3, label=name)
     ax.axhline(0.5, color="black", lw=0.6, ls="--", label="random")
     ax.set_ylim(0.0, 1.02)
-    ax.set_xlabel("scoring round")
+    ax.set_xlabel("scoring round (from 0)")
     ax.set_ylabel("detection AUROC")
     ax.set_title("Detection AUROC of the corrupted tasks, per round")
     ax.legend(fontsize=8)
@@ -279,7 +302,10 @@ def _accuracy_plot(accuracy: Mapping[str, Any]) -> str:
         )
     ax.set_ylabel("meta-test accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"Meta-test accuracy ({accuracy.get('num_test_tasks', '?')} tasks, 95% CI)", fontsize=10)
+    ax.set_title(
+        f"Meta-test accuracy ({accuracy.get('num_test_tasks', '?')} tasks; bars: 95% confidence interval)",
+        fontsize=10,
+    )
     return _img(fig, "meta-test accuracy with and without pruning")
 
 
@@ -291,38 +317,162 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     return html.escape(str(value))
 
 
-def _task_table(round_: ScoreRound, k: int = 10) -> str:
+def _prune_round(run: RunFiles) -> int | None:
+    """Index of the last round with a prune decision (``None`` without pruning)."""
+    rounds = [k for k, r in enumerate(run.rounds) if any(d.action == "prune" for d in r.decisions)]
+    return rounds[-1] if rounds else None
+
+
+def _kept_ranks(round_: ScoreRound, kept: set[int]) -> dict[int, int]:
+    """Harmful-first rank (1 = most harmful) of each task of ``kept`` among the ``kept`` tasks of ``round_``."""
+    ids = round_.task_ids.tolist()
+    order = [p for p in round_.order().tolist() if ids[p] in kept and math.isfinite(float(round_.scores[p]))]
+    return {ids[p]: i + 1 for i, p in enumerate(order)}
+
+
+def rank_changes_after_pruning(run: RunFiles, k: int = 10) -> dict[int, tuple[int, int]]:
+    """Tasks in the ``k`` most harmful of the last round that were not there when the last tasks were pruned.
+
+    Ranks are counted among the tasks still kept at the end, in both rounds, so removing tasks does not by
+    itself move anyone. Returns ``{task_id: (rank at the pruning round, rank now)}``; empty without pruning.
+    After the harmful tasks are gone, scores are relative to a cleaner pool, and clean tasks drift into the
+    "most harmful" list: this is what the report flags.
+    """
+    at = _prune_round(run)
+    if at is None or at == len(run.rounds) - 1:
+        return {}
+    final = run.rounds[-1]
+    kept = {int(t) for t, p in zip(final.task_ids.tolist(), final.pruned.tolist()) if not p}
+    before, now = _kept_ranks(run.rounds[at], kept), _kept_ranks(final, kept)
+    return {t: (before[t], r) for t, r in now.items() if r <= k and t in before and before[t] > k}
+
+
+def _class_names(summary: Mapping[str, Any] | None) -> dict[int, str] | None:
+    names = (summary or {}).get("class_names")
+    return {int(c): str(n) for c, n in names.items()} if names else None
+
+
+def _task_table(
+    round_: ScoreRound,
+    k: int = 10,
+    *,
+    class_names: Mapping[int, str] | None = None,
+    moved: Mapping[int, tuple[int, int]] | None = None,
+) -> str:
     rows = round_.to_rows()
     order = [p for p in round_.order().tolist() if math.isfinite(rows[p]["score"])]
     picks = [("harmful", p) for p in order[:k]] + [("helpful", p) for p in list(reversed(order))[:k]]
+    moved = moved or {}
     body = []
     for kind, p in picks:
         r = rows[p]
         corrupt = r["corrupted"]
-        cls = " ".join(str(c) for c in (r["classes"] or []))
+        cls = format_classes(r["classes"], class_names)
+        flag = ""
+        if kind == "harmful" and r["id"] in moved:
+            before, now = moved[r["id"]]
+            flag = f" <span class='flag' title='rank among the kept tasks: {before} then, {now} now'>⚑ new since pruning</span>"
         body.append(
-            f"<tr class='{kind}'><td>{kind}</td><td>{r['id']}</td><td>{r['score']:.4e}</td><td>{r['rank']}</td>"
+            f"<tr class='{kind}'><td>{kind}</td><td>{r['id']}{flag}</td><td>{format_score(r['score'])}</td>"
+            f"<td>{r['rank']}</td>"
             f"<td>{'–' if corrupt is None else ('<b>yes</b>' if corrupt else 'no')}</td>"
             f"<td>{'yes' if r['pruned'] else ''}</td><td>{r['weight']:.2f}</td><td>{html.escape(cls)}</td></tr>"
         )
+    note = ""
+    if moved:
+        note = (
+            "<p class='note'>⚑ new since pruning: the task was not among the most harmful (of the tasks kept) when "
+            "the last tasks were pruned. Scores are relative to the pool: once the harmful tasks are gone, clean "
+            "tasks move into this list without having become harmful.</p>"
+        )
     return (
         "<table><tr><th></th><th>task</th><th>score</th><th>rank</th><th>corrupted</th><th>pruned</th>"
-        "<th>weight</th><th>classes</th></tr>" + "".join(body) + "</table>"
+        "<th>weight</th><th>classes</th></tr>" + "".join(body) + "</table>" + note
     )
+
+
+def _sample_section(
+    run: RunFiles, *, class_names: Mapping[int, str] | None = None, k: int = 16
+) -> str | None:
+    """The most harmful samples of the latest round that scored samples: images (when stored) and a table."""
+    with_samples = [r for r in run.rounds if r.sample_rows]
+    if not with_samples:
+        return None
+    round_ = with_samples[-1]
+    round_index = run.rounds.index(round_)
+    rows: list[SampleScore] = sorted(
+        (s for s in round_.sample_rows or [] if math.isfinite(s.score)), key=lambda s: s.score
+    )[:k]
+    if not rows:
+        return None
+    classes_of = {}
+    if round_.classes is not None:
+        classes_of = {int(t): c for t, c in zip(round_.task_ids.tolist(), round_.classes)}
+    corrupted_of = {}
+    if round_.corrupted is not None:
+        corrupted_of = {int(t): bool(c) for t, c in zip(round_.task_ids.tolist(), round_.corrupted.tolist())}
+
+    def label_text(s: SampleScore) -> str:
+        if s.label is None:
+            return "–"
+        classes = classes_of.get(s.task_id)
+        if isinstance(s.label, int) and classes and 0 <= s.label < len(classes):
+            return f"{s.label} ({format_classes([classes[s.label]], class_names)})"
+        return str(s.label)
+
+    parts = [
+        f"<h3>Most harmful samples (round {round_index}, instance influence of the most harmful tasks)</h3>",
+        "<p class='note'>Score of one support or query sample: the predicted increase of the reference loss if "
+        "that sample were removed (same sign convention as tasks). Label: the label the task gives the sample "
+        "(class in brackets).</p>",
+    ]
+    images = [s for s in rows if s.image is not None]
+    if images:
+        from lightning_metaif.dashboards.wandb_dashboard import image_to_array
+
+        plt = _pyplot()
+        cols = min(8, len(images))
+        nrows = math.ceil(len(images) / cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(1.45 * cols, 2.1 * nrows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, s in zip(axes.flat, images):
+            array = image_to_array(s.image, min_side=8)
+            ax.imshow(array, cmap="gray" if array.ndim == 2 else None, interpolation="nearest")
+            bad = " *" if corrupted_of.get(s.task_id) else ""
+            ax.set_title(
+                f"task {s.task_id}{bad}\n{s.split}[{s.index}] y={s.label}\n{format_score(s.score)}",
+                fontsize=7,
+            )
+        fig.tight_layout()
+        parts.append("<div class='plots'>" + _img(fig, "most harmful samples") + "</div>")
+        if corrupted_of:
+            parts.append("<p class='note'>* the sample's task is corrupted (ground truth).</p>")
+    body = "".join(
+        f"<tr><td>{s.task_id}</td><td>{'<b>yes</b>' if corrupted_of.get(s.task_id) else ('no' if corrupted_of else '–')}</td>"
+        f"<td>{s.split}</td><td>{s.index}</td><td>{html.escape(label_text(s))}</td><td>{format_score(s.score)}</td></tr>"
+        for s in rows
+    )
+    parts.append(
+        "<table><tr><th>task</th><th>task corrupted</th><th>split</th><th>index</th><th>label</th><th>score</th></tr>"
+        + body
+        + "</table>"
+    )
+    return "\n".join(parts)
 
 
 def _decision_table(run: RunFiles) -> str:
-    rows = [d for d in run.decisions if d.action != "skip"]
+    rows = [(k, d) for k, r in enumerate(run.rounds) for d in r.decisions if d.action != "skip"]
     if not rows:
         return "<p>No pruning or re-weighting decisions.</p>"
     body = "".join(
-        f"<tr><td>{d.step}</td><td>{d.epoch}</td><td>{html.escape(d.action)}</td>"
+        f"<tr><td>{k}</td><td>{d.step}</td><td>{d.epoch}</td><td>{html.escape(d.action)}</td>"
         f"<td>{html.escape(' '.join(str(t) for t in d.task_ids[:40]))}{' …' if len(d.task_ids) > 40 else ''}</td>"
         f"<td>{html.escape(d.reason)}</td></tr>"
-        for d in rows
+        for k, d in rows
     )
     return (
-        "<table><tr><th>step</th><th>epoch</th><th>action</th><th>task ids</th><th>reason</th></tr>"
+        "<table><tr><th>round</th><th>step</th><th>epoch</th><th>action</th><th>task ids</th><th>reason</th></tr>"
         + body
         + "</table>"
     )
@@ -334,7 +484,7 @@ h1{font-size:1.5em} h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-to
 table{border-collapse:collapse;font-size:.85em;margin:8px 0} td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
 tr.harmful td:first-child{color:#d62728} tr.helpful td:first-child{color:#2ca02c}
 .kv td:first-child{font-weight:600} .plots img{max-width:100%;margin:6px 12px 6px 0;vertical-align:top}
-.note{color:#666;font-size:.85em}
+.note{color:#666;font-size:.85em} .flag{color:#b8860b;font-size:.85em;white-space:nowrap}
 """
 
 
@@ -352,6 +502,7 @@ def render_report(
         "predicted increase of the reference (validation) loss if the task were removed: negative = harmful, "
         "positive = helpful.</p>",
     ]
+    class_names = _class_names(summary)
     if summary:
         parts.append(_summary_section(summary))
     cross = [p for p in (_detection_plot(runs), _auroc_per_round(runs)) if p]
@@ -375,7 +526,13 @@ def render_report(
         if trajectory:
             plots.append(trajectory)
         parts.append("<div class='plots'>" + "".join(plots) + "</div>")
-        parts.append("<h3>Most harmful and most helpful tasks (last round)</h3>" + _task_table(final))
+        parts.append(
+            "<h3>Most harmful and most helpful tasks (last round)</h3>"
+            + _task_table(final, class_names=class_names, moved=rank_changes_after_pruning(run))
+        )
+        samples = _sample_section(run, class_names=class_names)
+        if samples:
+            parts.append(samples)
         parts.append("<h3>Decisions</h3>" + _decision_table(run))
     parts.append("</body></html>")
     return "\n".join(parts)
@@ -413,9 +570,11 @@ def _summary_section(summary: Mapping[str, Any]) -> str:
         rows.append(
             (
                 "meta-test accuracy",
-                f"without pruning {_fmt(acc['without_pruning'], '.1%')} · with pruning "
-                f"{_fmt(acc['with_pruning'], '.1%')} · difference {100 * acc['difference']:+.1f} points "
-                f"(paired s.e. {100 * acc['difference_se']:.1f})",
+                f"without pruning {_fmt(acc['without_pruning'], '.1%')} (s.e. "
+                f"{_fmt(100 * acc.get('without_pruning_se', math.nan), '.1f')} points) · with pruning "
+                f"{_fmt(acc['with_pruning'], '.1%')} (s.e. {_fmt(100 * acc.get('with_pruning_se', math.nan), '.1f')}"
+                f" points) · difference {100 * acc['difference']:+.1f} points "
+                f"(paired s.e. {100 * acc['difference_se']:.1f}; standard errors over the test batches)",
             )
         )
     seconds = summary.get("seconds") or {}

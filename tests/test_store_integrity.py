@@ -245,3 +245,73 @@ def test_one_writer_per_store_and_a_killed_writer_leaves_no_stale_lock(tmp_path:
     assert again.dot(again.checkpoints()[-1], torch.ones(4)).tolist() == [4.0]  # still readable
     done = subprocess.run(probe, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+# ---------------------------------------------------------------------------------------------- rollback
+def test_store_rollback_drops_later_records_and_reuses_their_names(tmp_path: Path) -> None:
+    uninterrupted = GradientStore(tmp_path / "u", dim=4, dtype=torch.float32)
+    store = GradientStore(tmp_path / "s", dim=4, dtype=torch.float32)
+    rows = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    for s in (store, uninterrupted):
+        s.write_checkpoint(1, 0.1, [0, 1], rows[:2])
+        s.append_step(2, 0.1, [2], rows[2:3])
+        s.flush()
+    saved = store.state_dict()  # the training checkpoint
+    late = store.write_checkpoint(3, 0.1, [3], rows[3:4])  # the run goes on, then dies
+    store.append_step(4, 0.1, [4], rows[4:5])  # buffered, never flushed
+    orphan = store.write_checkpoint(5, 0.1, [5], rows[5:6])
+    manifest = json.loads((tmp_path / "s" / MANIFEST_NAME).read_text())
+    manifest["checkpoints"] = manifest["checkpoints"][:-1]  # died between the rename and the manifest update
+    (tmp_path / "s" / MANIFEST_NAME).write_text(json.dumps(manifest))
+    del store  # dies: no close(), the buffered step-4 row is lost
+    with pytest.warns(UserWarning, match="adopted"):
+        resumed = GradientStore.open(tmp_path / "s")
+    dropped = resumed.rollback(saved)
+    assert [d.path.name for d in dropped] == [late.path.name, orphan.path.name]
+    aside = list((tmp_path / "s" / "rolled-back").glob("*/*.mgs"))
+    assert sorted(p.name for p in aside) == sorted([late.path.name, orphan.path.name])
+    assert resumed.pending_rows == 0
+    for s in (resumed, uninterrupted):  # both go on identically
+        s.write_checkpoint(3, 0.1, [3], rows[3:4])
+    names = [sorted(p.name for p in (tmp_path / x).glob("*.mgs")) for x in ("s", "u")]
+    assert names[0] == names[1]
+    for a, b in zip(resumed.checkpoints(), uninterrupted.checkpoints()):
+        assert a.path.read_bytes() == b.path.read_bytes()
+    assert GradientStore.open(tmp_path / "s").checkpoints() == resumed.checkpoints()
+    with pytest.raises(ValueError, match="lacks files listed in the state dict"):
+        GradientStore(tmp_path / "other", dim=4, dtype=torch.float32).rollback(saved)
+
+
+def test_round_files_rollback_drops_later_rounds_and_torn_lines(tmp_path: Path) -> None:
+    from lightning_metaif.dashboards.files import RoundFileWriter, load_run
+    from lightning_metaif.dashboards.round import Decision, ScoreRound
+
+    def round_at(step: int) -> ScoreRound:
+        r = ScoreRound(
+            step=step,
+            epoch=step // 2,
+            estimator="tracin",
+            task_ids=torch.tensor([0, 1, 2]),
+            scores=torch.tensor([0.5, -1.0, float(step)], dtype=torch.float64),
+        )
+        r.decisions = [Decision(step, step // 2, "prune", [1], "lowest score")]
+        return r
+
+    full, crashed = RoundFileWriter(tmp_path / "u"), RoundFileWriter(tmp_path / "c")
+    for step in (1, 2):
+        full.write(round_at(step))
+        crashed.write(round_at(step))
+    crashed.write(round_at(3))  # after the checkpoint (rounds=2)
+    with open(tmp_path / "c" / "decisions.csv", "a", encoding="utf-8") as fh:
+        fh.write("3,4,2,pru")  # killed in the middle of the next append
+    resumed = RoundFileWriter(tmp_path / "c")
+    dropped = resumed.rollback(2)
+    assert "scores_round_0002.csv" in dropped and "decisions.csv: 2 rows" in dropped
+    for w in (resumed, full):
+        w.write(round_at(5))
+    for name in ("scores_history.csv", "decisions.csv", "metrics.csv", "scores_round_0002.csv"):
+        a, b = (tmp_path / "c" / name).read_text(), (tmp_path / "u" / name).read_text()
+        if name == "metrics.csv":  # the seconds column is wall-clock
+            a, b = ([line.split(",")[:4] for line in x.splitlines()] for x in (a, b))
+        assert a == b, name
+    assert [r.step for r in load_run(tmp_path / "c").rounds] == [1, 2, 5]

@@ -203,6 +203,72 @@ class RoundFileWriter:
         self.next_round = k + 1
         return paths
 
+    def rollback(self, rounds: int) -> list[str]:
+        """Keep rounds ``0 .. rounds-1`` only: drop the files and rows of later rounds; return what was dropped.
+
+        For resuming from a training checkpoint taken after ``rounds`` rounds: the interrupted run may have
+        written later rounds (or part of one: a torn last line in an appended file, a round file without its
+        metrics row) before it died. Their ``scores_round``/``samples_round`` files are deleted and the rows of
+        ``scores_history.csv``, ``decisions.csv`` and ``metrics.csv`` with ``round >= rounds`` (or torn) are
+        removed (each file rewritten atomically), so the directory equals that of an uninterrupted run at the
+        checkpoint, and the next round is numbered ``rounds``.
+
+        Example:
+            >>> import tempfile
+            >>> w = RoundFileWriter(tempfile.mkdtemp())
+            >>> for step in (1, 2, 3):
+            ...     _ = w.write(ScoreRound(step=step, epoch=0, estimator="tracin", task_ids=torch.tensor([0]),
+            ...                            scores=torch.tensor([0.5], dtype=torch.float64)))
+            >>> w.rollback(1)
+            ['scores_round_0001.csv', 'scores_round_0002.csv', 'scores_history.csv: 2 rows', 'metrics.csv: 2 rows']
+            >>> [r.step for r in load_run(w.directory).rounds], w.next_round
+            ([1], 1)
+        """
+        if int(rounds) < 0:
+            raise ValueError(f"rounds must be >= 0, got {rounds}.")
+        rounds = int(rounds)
+        d = self.directory
+        dropped = []
+        for pattern in ("scores_round_*.csv", "samples_round_*.csv"):
+            for path in sorted(d.glob(pattern)):
+                suffix = path.stem.rsplit("_", 1)[1]
+                if not suffix.isdigit() or int(suffix) >= rounds:
+                    path.unlink()
+                    dropped.append(path.name)
+        for name, columns in (
+            ("scores_history.csv", HISTORY_COLUMNS),
+            ("decisions.csv", DECISION_COLUMNS),
+            ("metrics.csv", None),
+        ):
+            path = d / name
+            if not path.exists():
+                continue
+            with open(path, newline="", encoding="utf-8") as fh:
+                text = fh.read()
+            lines = list(csv.reader(io.StringIO(text)))
+            if not lines:
+                continue
+            header, rows = lines[0], lines[1:]
+            complete = text.endswith("\n")
+            keep = [
+                row
+                for i, row in enumerate(rows)
+                if len(row) == len(header)
+                and (complete or i < len(rows) - 1)  # a last line without its newline is torn
+                and row[0].isdigit()
+                and int(row[0]) < rounds
+            ]
+            if len(keep) != len(rows) or not complete:
+                buffer = io.StringIO()
+                writer = csv.writer(buffer, lineterminator="\n")
+                writer.writerow(header if columns is None else columns)
+                writer.writerows(keep)
+                atomic_write(path, buffer.getvalue())
+                dropped.append(f"{name}: {len(rows) - len(keep)} rows")
+        self.next_round = rounds
+        self._metrics = _read(d / "metrics.csv")
+        return dropped
+
 
 @dataclass
 class RunFiles:

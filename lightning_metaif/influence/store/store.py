@@ -52,6 +52,7 @@ import json
 import math
 import os
 import re
+import time
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping
@@ -101,6 +102,7 @@ MANIFEST_VERSION = 2  # 2: files of format 2 (checksummed rows and ids)
 FILE_SUFFIX = ".mgs"
 TEMP_PREFIX = ".tmp-"
 TOMBSTONE_PREFIX = ".tmp-removing-"
+ROLLED_BACK_DIR = "rolled-back"
 _NAME_RE = re.compile(r"^(?:ckpt|traj)-(\d{8})-")
 
 DEFAULT_CHUNK_BYTES = 2**20
@@ -1027,6 +1029,71 @@ class GradientStore:
             "checkpoints": [info.to_dict() for info in self._entries.values()],
         }
 
+    def _check_listed(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        listed = {c["file"]: c for c in state.get("checkpoints", [])}
+        missing = sorted(set(listed) - set(self._entries))
+        if missing:
+            raise ValueError(
+                f"{self.root} lacks files listed in the state dict: {missing[:5]}; the store was modified or "
+                "the state belongs to another store."
+            )
+        for name, entry in listed.items():
+            info = self._entries[name]
+            if info.rows != entry["rows"] or info.step != entry["step"]:
+                raise ValueError(
+                    f"{name}: state dict says step {entry['step']}, {entry['rows']} rows; the store has step "
+                    f"{info.step}, {info.rows} rows (the state belongs to another store)."
+                )
+        return listed
+
+    def rollback(self, state: Mapping[str, Any], *, move_aside: bool = True) -> list[CheckpointInfo]:
+        """Return the store to a saved :meth:`state_dict`: drop every record committed after it; report them.
+
+        For resuming from a training checkpoint: records written by the interrupted run after the checkpoint
+        (committed, adopted at open, or still buffered by :meth:`append_step`) are dropped, so the resumed run
+        re-records them exactly as an uninterrupted run would (same file names, same commit indices). With
+        ``move_aside=True`` (default) their files move to ``root/rolled-back/<time>-<id>/`` (ignored by the store),
+        otherwise they are deleted. Every record the state lists must still be there unchanged (else
+        ``ValueError``). Crash-safe: the manifest drops the records first, so an interrupted rollback leaves
+        unlisted files that the next open adopts and the next rollback drops again.
+
+        Example:
+            >>> import tempfile, torch
+            >>> store = GradientStore(tempfile.mkdtemp(), dim=2)
+            >>> _ = store.write_checkpoint(1, 0.1, [0], torch.ones(1, 2))
+            >>> saved = store.state_dict()
+            >>> late = store.write_checkpoint(2, 0.1, [0], torch.ones(1, 2))
+            >>> [info.step for info in store.rollback(saved)], [c.step for c in store.checkpoints()]
+            ([2], [1])
+            >>> store.write_checkpoint(2, 0.1, [0], torch.ones(1, 2)).path.name == late.path.name
+            True
+        """
+        self._require_writable()
+        listed = self._check_listed(state)
+        self._buffer.clear()
+        self._buffer_bytes = 0
+        later = [info for name, info in self._entries.items() if name not in listed]
+        for info in later:
+            del self._entries[info.path.name]
+            self._headers.pop(info.path.name, None)
+            self._tables.pop(info.path.name, None)
+        self._max_index = self._max_index_of(self._entries)
+        if later:
+            self._write_manifest()
+            aside = None
+            if move_aside:
+                aside = (
+                    self.root / ROLLED_BACK_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+                )
+                aside.mkdir(parents=True)
+            for info in later:
+                if aside is not None:
+                    os.replace(info.path, aside / info.path.name)
+                else:
+                    info.path.unlink(missing_ok=True)
+            fsync_dir(self.root)
+        return later
+
     @classmethod
     def from_state_dict(
         cls,
@@ -1056,22 +1123,10 @@ class GradientStore:
             projection=state.get("projection"),
             readonly=readonly,
         )
-        listed = {c["file"]: c for c in state.get("checkpoints", [])}
-        have = {info.path.name: info for info in store.checkpoints()}
-        missing = sorted(set(listed) - set(have))
-        if missing:
-            raise ValueError(
-                f"{store.root} lacks files listed in the state dict: {missing[:5]}; the store was modified or "
-                "the state belongs to another store."
-            )
-        for name, entry in listed.items():
-            if have[name].rows != entry["rows"] or have[name].step != entry["step"]:
-                raise ValueError(
-                    f"{name}: state dict says step {entry['step']}, {entry['rows']} rows; store disagrees."
-                )
         if prune_unlisted:
-            for name in sorted(set(have) - set(listed)):
-                store.remove(have[name])
+            store.rollback(state, move_aside=False)
+        else:
+            store._check_listed(state)
         return store
 
 

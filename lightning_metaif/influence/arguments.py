@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_metaif.influence.checks import check_number
 from lightning_metaif.influence.solvers import SOLVERS
 
 ESTIMATORS = ("task_if", "direct_if", "tracin", "ensemble", "self")
@@ -32,8 +32,7 @@ def check_common(estimator: str, solver: str, damping: float) -> None:
         raise ValueError(f"Unknown estimator {estimator!r}; choose one of {ESTIMATORS}.")
     if solver not in SOLVERS:
         raise ValueError(f"Unknown solver {solver!r}; choose one of {SOLVERS}.")
-    if not (damping >= 0) or not math.isfinite(damping):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping}.")
+    check_number(damping, "damping", minimum=0.0)
 
 
 def check_reference(reference_tasks: Any, utility: Any, needed: bool, estimator: str) -> None:

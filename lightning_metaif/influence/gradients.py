@@ -182,6 +182,11 @@ def reference_gradient(
         grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
         grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
         return layout.flatten(grads).detach(), value.detach()
+    if len(reference_tasks) == 0:
+        raise ValueError(
+            f"`reference_tasks` is empty ({type(reference_tasks).__name__} with 0 tasks): the reference loss is "
+            "the mean query loss over these tasks, so pass at least one held-out task (or a `utility`)."
+        )
     total_grad, total_loss = None, 0.0
     for _, chunk in iter_chunks(reference_tasks, chunk_size * 8):
         positions = None if isinstance(chunk, TaskBatch) else torch.arange(len(chunk))

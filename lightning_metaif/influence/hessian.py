@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
+from lightning_metaif.influence.checks import check_number
 from lightning_metaif.influence.gradients import (
     Vectorize,
     batched_task_loss,
@@ -76,8 +77,7 @@ class TotalHessian:
         vectorize: Vectorize = "auto",
     ) -> None:
         check_problem(problem)
-        if l2 < 0:
-            raise ValueError(f"l2 must be >= 0, got {l2}.")
+        l2 = check_number(l2, "l2", minimum=0.0)
         if curvature not in ("exact", "gamma"):
             raise ValueError(f"curvature must be 'exact' or 'gamma', got {curvature!r}.")
         if curvature == "gamma" and not (hasattr(problem, "adapt") and hasattr(problem, "outer_loss")):

@@ -33,6 +33,7 @@ statistics, as in the original MAML) or ``GroupNorm``. ``Dropout`` with ``p > 0`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -52,6 +53,14 @@ _OPTIMIZERS = ("adam", "sgd")
 _LOSSES = ("cross_entropy", "mse")
 _BACKBONE = "backbone."
 _LRS = "inner_lrs."
+
+
+def _num_ways_message(num_ways: int, outputs: int) -> str:
+    return (
+        f"MAML(num_ways={num_ways}) but the backbone outputs {outputs} logits per input: build the backbone with "
+        f"at least {num_ways} outputs (e.g. MLP(in_dim, {num_ways}) or ConvNet(num_classes={num_ways})) or pass "
+        f"num_ways <= {outputs}."
+    )
 
 
 def check_backbone(backbone: nn.Module, vectorize: str = "auto") -> None:
@@ -165,8 +174,14 @@ class MAML(LightningModule):
             raise ValueError(f"Unknown loss {loss!r}: choose one of {_LOSSES}.")
         if vectorize not in ("auto", "vmap", "loop"):
             raise ValueError(f"vectorize must be 'auto', 'vmap' or 'loop', got {vectorize!r}.")
-        if not inner_lr > 0 or not outer_lr > 0:
-            raise ValueError(f"inner_lr and outer_lr must be positive, got {inner_lr} and {outer_lr}.")
+        for name, value in (("inner_lr", inner_lr), ("outer_lr", outer_lr), ("imaml_lambda", imaml_lambda)):
+            if (
+                not isinstance(value, (int, float))
+                or isinstance(value, bool)
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
         if algorithm == "imaml":
@@ -185,6 +200,9 @@ class MAML(LightningModule):
             )
         if num_ways is not None and (loss != "cross_entropy" or num_ways < 2):
             raise ValueError("num_ways is for classification (loss='cross_entropy') and must be >= 2.")
+        outputs = getattr(getattr(backbone, "head", None), "out_features", None)
+        if num_ways is not None and isinstance(outputs, int) and outputs < num_ways:
+            raise ValueError(_num_ways_message(num_ways, outputs))
         check_backbone(backbone, vectorize)
         self.save_hyperparameters(ignore=["backbone"])
         self.automatic_optimization = False
@@ -262,6 +280,8 @@ class MAML(LightningModule):
     def _forward(self, theta: Mapping[str, Tensor], x: Tensor) -> Tensor:
         out = functional_call(self.backbone, dict(theta), (x,))
         if self.num_ways is not None:
+            if out.shape[-1] < self.num_ways:
+                raise ValueError(_num_ways_message(self.num_ways, out.shape[-1]))
             out = out[..., : self.num_ways]
         return out
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import Tensor
 
+from lightning_metaif.influence.checks import check_number, check_options
 from lightning_metaif.influence.solvers.base import (
     DenseMatrix,
     LinearOperator,
@@ -40,8 +41,8 @@ def solve(
         >>> solve(H, torch.tensor([2.0, 4.0], dtype=torch.float64), method="dense", damping=0.0).solution.tolist()
         [1.0, 1.0]
     """
-    if damping < 0:
-        raise ValueError(f"damping must be >= 0, got {damping}.")
+    damping = check_number(damping, "damping", minimum=0.0)
+    check_options(options, f"solver {method!r}")
     if rhs.shape != (operator.dim,):
         raise ValueError(f"rhs must be a flat vector of length {operator.dim}, got shape {tuple(rhs.shape)}.")
     if method == "identity":

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_metaif.influence.checks import check_number
 from lightning_metaif.influence.solvers.base import (
     LinearOperator,
     SolverError,
@@ -67,8 +68,7 @@ class LowRankInverse:
                 f"Expected eigenvalues [r] and eigenvectors [p, r], got {tuple(eigenvalues.shape)} and "
                 f"{tuple(eigenvectors.shape)}."
             )
-        if damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping}.")
+        damping = check_number(damping, "damping", minimum=0.0)
         if complement not in ("zero", "damping"):
             raise ValueError(f"complement must be 'zero' or 'damping', got {complement!r}.")
         if complement == "damping" and damping <= 0:

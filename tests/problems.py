@@ -25,7 +25,9 @@ class LinearMAML:
         return x @ params["w"] + params["b"]
 
     def sample_losses(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        out = self.forward(params, x)
+        return self.output_sample_losses(self.forward(params, x), y)
+
+    def output_sample_losses(self, out: Tensor, y: Tensor) -> Tensor:
         if self.kind == "regression":
             return ((out - y) ** 2).sum(-1) if out.dim() > 1 and y.dim() > 1 else ((out.squeeze(-1) - y) ** 2)
         return F.cross_entropy(out, y, reduction="none")
@@ -45,6 +47,12 @@ class LinearMAML:
 
     def task_loss(self, params, task, support_weights=None, query_weights=None):
         return self.outer_loss(self.adapt(params, task, support_weights), params, task, query_weights)
+
+    def query_outputs(self, params, task, support_weights=None):
+        return self.forward(self.adapt(params, task, support_weights), task.query_x)
+
+    def output_loss(self, outputs, task, query_weights=None):
+        return weighted_mean(self.output_sample_losses(outputs, task.query_y), query_weights)
 
     def init_params(self, in_dim: int, out_dim: int, seed: int = 0, dtype=torch.float64) -> dict[str, Tensor]:
         g = torch.Generator().manual_seed(seed)

@@ -50,7 +50,9 @@ def explicit_scores(problem, params, train, ref, damping, l2=L2, weights=None):
 
 def test_task_if_matches_explicit_formula_and_sign(setup):
     problem, train, ref, params = setup
-    result = task_influence(problem, params, train, ref, solver="dense", damping=0.01, l2=L2)
+    result = task_influence(
+        problem, params, train, ref, solver="dense", damping=0.01, l2=L2, curvature="exact"
+    )
     expected, *_ = explicit_scores(problem, params, train, ref, 0.01)
     torch.testing.assert_close(result.scores, expected, rtol=1e-9, atol=1e-12)
     assert result.task_ids.tolist() == train.task_ids.tolist() and len(result) == 8
@@ -68,7 +70,15 @@ def test_task_weights_scale_scores_and_hessian(setup):
     problem, train, ref, params = setup
     weights = torch.linspace(0.5, 1.5, len(train), dtype=torch.float64)
     result = task_influence(
-        problem, params, train, ref, solver="dense", damping=0.01, l2=L2, task_weights=weights
+        problem,
+        params,
+        train,
+        ref,
+        solver="dense",
+        damping=0.01,
+        l2=L2,
+        task_weights=weights,
+        curvature="exact",
     )
     expected, *_ = explicit_scores(problem, params, train, ref, 0.01, weights=weights)
     torch.testing.assert_close(result.scores, expected, rtol=1e-9, atol=1e-12)
@@ -169,9 +179,16 @@ def test_self_influence(setup):
     torch.testing.assert_close(identity.scores, -(grads**2).sum(1))  # lowest score = most unusual
     _, _, _, damped = explicit_scores(problem, params, train, ref, 0.01)
     exact = torch.einsum("kp,pq,kq->k", grads, torch.linalg.inv(damped), grads)
-    dense = task_influence(problem, params, train, estimator="self", solver="dense", damping=0.01, l2=L2)
+    dense = task_influence(
+        problem, params, train, estimator="self", solver="dense", damping=0.01, l2=L2, curvature="exact"
+    )
     torch.testing.assert_close(dense.self_influence, exact)
-    kwargs = {"estimator": "self", "damping": 0.1, "l2": L2}  # three tasks alone: λ_min(H) < 0 here
+    kwargs = {
+        "estimator": "self",
+        "damping": 0.1,
+        "l2": L2,
+        "curvature": "exact",
+    }  # three tasks alone: λ_min(H) < 0 here
     cg = task_influence(
         problem,
         params,
@@ -183,7 +200,15 @@ def test_self_influence(setup):
     dense_three = task_influence(problem, params, train[:3], solver="dense", **kwargs)
     torch.testing.assert_close(cg.self_influence, dense_three.self_influence, rtol=1e-6, atol=1e-10)
     beside = task_influence(
-        problem, params, train, ref, solver="dense", damping=0.01, l2=L2, with_self_influence=True
+        problem,
+        params,
+        train,
+        ref,
+        solver="dense",
+        damping=0.01,
+        l2=L2,
+        with_self_influence=True,
+        curvature="exact",
     )
     torch.testing.assert_close(beside.self_influence, exact)
     # the corrupted task is the most self-influential one
@@ -253,13 +278,14 @@ def test_direct_if_is_first_order_view(setup):
     fomaml = torch.autograd.grad(problem.outer_loss(adapted, params, task), list(adapted.values()))
     for a, b in zip(grad_direct, fomaml):
         torch.testing.assert_close(a, b)
-    r_direct = task_influence(problem, params, train, ref, estimator="direct_if", solver="dense", l2=L2)
-    r_total = task_influence(problem, params, train, ref, estimator="task_if", solver="dense", l2=L2)
+    exact = {"solver": "dense", "l2": L2, "curvature": "exact"}
+    r_direct = task_influence(problem, params, train, ref, estimator="direct_if", **exact)
+    r_total = task_influence(problem, params, train, ref, estimator="task_if", **exact)
     assert not torch.allclose(r_direct.scores, r_total.scores, rtol=0.05)
     # without adaptation steps the two coincide
     plain = LinearMAML(inner_lr=0.5, steps=0, kind="classification", hidden=3)
-    a = task_influence(plain, params, train, ref, estimator="direct_if", solver="dense", damping=0.5, l2=L2)
-    b = task_influence(plain, params, train, ref, estimator="task_if", solver="dense", damping=0.5, l2=L2)
+    a = task_influence(plain, params, train, ref, estimator="direct_if", damping=0.5, **exact)
+    b = task_influence(plain, params, train, ref, estimator="task_if", damping=0.5, **exact)
     torch.testing.assert_close(a.scores, b.scores)
 
 
@@ -286,8 +312,9 @@ def test_vmap_and_loop_paths_agree(setup):
 
 def test_instance_scores_are_consistent_with_task_scores(setup):
     problem, train, ref, params = setup
-    inst = instance_influence(problem, params, train, ref, solver="dense", damping=0.01, l2=L2)
-    task = task_influence(problem, params, train, ref, solver="dense", damping=0.01, l2=L2)
+    kwargs = {"solver": "dense", "damping": 0.01, "l2": L2, "curvature": "exact"}
+    inst = instance_influence(problem, params, train, ref, **kwargs)
+    task = task_influence(problem, params, train, ref, **kwargs)
     assert inst.support_scores.shape == (8, 6) and inst.query_scores.shape == (8, 9)
     # query weights enter the loss linearly, so a task's query scores add up to its task score
     torch.testing.assert_close(inst.task_scores(), task.scores, rtol=1e-9, atol=1e-13)
@@ -333,7 +360,9 @@ def test_parameter_change_formula(setup):
     problem, train, ref, params = setup
     grads, _ = per_task_gradients(problem, params, train)
     _, _, _, damped = explicit_scores(problem, params, train, ref, 0.01)
-    change = parameter_change(problem, params, train, [1, 3], solver="dense", damping=0.01, l2=L2)
+    change = parameter_change(
+        problem, params, train, [1, 3], solver="dense", damping=0.01, l2=L2, curvature="exact"
+    )
     expected = torch.linalg.solve(damped, grads[1] + grads[3]) / len(train)
     torch.testing.assert_close(ParamLayout.of(params).flatten(change), expected)
     assert set(change) == set(params)
@@ -472,8 +501,10 @@ def test_cg_default_on_indefinite_problem_fails_loudly():
     if smallest >= 0:
         pytest.skip(f"this init happens to be PD (λ_min={smallest:.2e})")
     with pytest.raises(SolverError):
-        task_influence(problem, params, train, ref, solver="dense", damping=0.0)
-    fine = task_influence(problem, params, train, ref, solver="dense", damping=-smallest + 0.1)
+        task_influence(problem, params, train, ref, solver="dense", damping=0.0, curvature="exact")
+    fine = task_influence(
+        problem, params, train, ref, solver="dense", damping=-smallest + 0.1, curvature="exact"
+    )
     assert torch.isfinite(fine.scores).all()
 
 

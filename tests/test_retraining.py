@@ -64,6 +64,7 @@ def test_task_if_matches_leave_one_task_out_and_beats_direct_if(trained, loo):
         result = task_influence(
             problem, fit.params, train, ref, estimator=estimator, solver=solver, damping=0.0 if solver == "dense" else 1e-6,
             l2=L2, solver_options={"tolerance": 1e-12, "max_iterations": 300} if solver == "cg" else None,
+            curvature="exact",
         )  # fmt: skip
         numbers[estimator, solver] = agreement(result.scores, loo.deltas)
         lines.append(
@@ -74,9 +75,18 @@ def test_task_if_matches_leave_one_task_out_and_beats_direct_if(trained, loo):
         f"\nleave-one-task-out ({len(loo.deltas)} tasks, {loo.seconds:.1f} s of retraining):\n"
         + "\n".join(lines)
     )
+    # the defaults: Gauss–Newton curvature (PSD), damping="auto", CG
+    default = task_influence(problem, fit.params, train, ref, l2=L2)
+    assert default.diagnostics["curvature"] == "gauss_newton" and default.diagnostics["converged"]
+    numbers["task_if", "defaults"] = agreement(default.scores, loo.deltas)
+    print(f"  task_if (defaults: Gauss–Newton, damping auto {default.diagnostics['damping']:.2e}): "
+          f"Spearman {numbers['task_if', 'defaults'][1]:.3f}")  # fmt: skip
     for solver in ("dense", "cg"):
         pearson, spearman, signs = numbers["task_if", solver]
         assert spearman >= 0.9 and signs >= 0.9, (solver, numbers["task_if", solver])
+    # Gauss–Newton drops the tanh network's curvature times the query residuals: 0.89 here, where the exact
+    # Hessian reaches 0.99 (BENCHMARKS.md); it stays far above direct-IF.
+    assert numbers["task_if", "defaults"][1] >= 0.85, numbers["task_if", "defaults"]
     assert numbers["direct_if", "dense"][1] < numbers["task_if", "dense"][1] - 0.1
     # the shifted-label tasks are harmful in truth and in the prediction
     assert (loo.deltas[[0, 5, 11]] < 0).all()
@@ -89,7 +99,7 @@ def test_parameter_change_matches_retrained_parameters(trained, loo):
     for position in (3, 11):  # a clean task and a shifted-label one (a larger, less linear effect)
         task_id = int(train.task_ids[position])
         change = parameter_change(
-            problem, fit.params, train, [task_id], solver="cg", damping=0.0, l2=L2,
+            problem, fit.params, train, [task_id], solver="cg", damping=0.0, l2=L2, curvature="exact",
             solver_options={"tolerance": 1e-10, "max_iterations": 200},
         )  # fmt: skip
         predicted = layout.flatten(change)
@@ -107,7 +117,9 @@ def test_instance_if_matches_leave_one_sample_out(trained):
     positions = [0, 2]  # a shifted-label task and a clean one: 2 x (6 support + 12 query) retrainings
     truth = leave_one_sample_out(problem, fit.params, train, ref, l2=L2, positions=positions)
     assert truth.max_grad_norm < 1e-9
-    inst = instance_influence(problem, fit.params, train, ref, solver="dense", damping=0.0, l2=L2)
+    inst = instance_influence(
+        problem, fit.params, train, ref, solver="dense", damping=0.0, l2=L2, curvature="exact"
+    )
     support = agreement(inst.support_scores[positions], truth.support_deltas[positions])
     query = agreement(inst.query_scores[positions], truth.query_deltas[positions])
     print(
@@ -125,7 +137,13 @@ def test_task_if_on_proximal_imaml_like_problem():
     fit = train_to_convergence(problem, problem.init_params(4, 3, seed=0), train, l2=L2)
     assert fit.converged
     truth = leave_one_task_out(problem, fit.params, train, ref, l2=L2)
-    result = task_influence(problem, fit.params, train, ref, solver="dense", damping=0.0, l2=L2)
+    result = task_influence(
+        problem, fit.params, train, ref, solver="dense", damping=0.0, l2=L2, curvature="exact"
+    )
     pearson, spearman, signs = agreement(result.scores, truth.deltas)
     print(f"\nproximal (15 inner steps): Pearson {pearson:.3f} Spearman {spearman:.3f} signs {signs:.0%}")
     assert spearman >= 0.9 and signs >= 0.9
+    default = task_influence(problem, fit.params, train, ref, l2=L2)  # Gauss–Newton, damping="auto"
+    gn = agreement(default.scores, truth.deltas)
+    print(f"proximal, defaults (Gauss–Newton): Spearman {gn[1]:.3f} signs {gn[2]:.0%}")
+    assert gn[1] >= 0.85 and gn[2] >= 0.9  # exact 0.93, Gauss–Newton 0.90 on these 10 tasks

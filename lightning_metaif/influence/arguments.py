@@ -13,13 +13,13 @@ from lightning_metaif.influence.solvers import SOLVERS
 ESTIMATORS = ("task_if", "direct_if", "tracin", "ensemble", "self")
 
 DEFAULT_DAMPING = 1e-3
-"""Default ``δ`` in ``(H + δI)``: small against the curvature of a mean task loss (O(0.1-10) per direction
-for well-scaled models), so it barely biases PD problems, yet it keeps CG away from near-zero directions.
-Raise it (1e-2 to 1e-1) for non-convex networks whose total Hessian has negative eigenvalues."""
+"""A small fixed ``δ`` in ``(H + δI)`` (the estimators' default is ``damping="auto"``, relative to the
+curvature's mean eigenvalue): small against the curvature of a mean task loss (O(0.1-10) per direction for
+well-scaled models), so it barely biases PD problems, yet it keeps CG away from near-zero directions."""
 
 
-def check_common(estimator: str, solver: str, damping: float) -> None:
-    """Reject an unknown estimator or solver, or a damping that is negative or not finite.
+def check_common(estimator: str, solver: str, damping: float | str) -> None:
+    """Reject an unknown estimator or solver, or a damping that is not ``"auto"`` nor a finite number >= 0.
 
     Example:
         >>> check_common("task_if", "cg", 1e-3)
@@ -32,6 +32,10 @@ def check_common(estimator: str, solver: str, damping: float) -> None:
         raise ValueError(f"Unknown estimator {estimator!r}; choose one of {ESTIMATORS}.")
     if solver not in SOLVERS:
         raise ValueError(f"Unknown solver {solver!r}; choose one of {SOLVERS}.")
+    if isinstance(damping, str):
+        if damping != "auto":
+            raise ValueError(f"damping must be 'auto' or a finite number >= 0, got {damping!r}.")
+        return
     check_number(damping, "damping", minimum=0.0)
 
 

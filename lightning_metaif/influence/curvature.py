@@ -1,16 +1,86 @@
-"""The damped curvature ``H + δI`` of the training objective and its solves, shared by every IF estimator."""
+"""The damped curvature ``H + δI`` of the training objective and its solves, shared by every IF estimator.
+
+Curvatures (``curvature=``):
+
+* ``"gauss_newton"``: ``Jᵀ H_ℓ J`` through the adaptation (:class:`~.gauss_newton.GaussNewton`), positive
+  semi-definite everywhere; needs ``query_outputs`` / ``output_loss`` on the problem;
+* ``"exact"``: the exact total Hessian (:class:`~.hessian.TotalHessian`), third-order terms included;
+  indefinite away from a regularised optimum;
+* ``"gamma"``: Ren et al.'s surrogate (Gauss–Newton-like term plus ``Γ·I``);
+* ``"auto"``: ``"gauss_newton"`` when the problem exposes what it needs, else ``"exact"``.
+
+Damping (``damping=``): a float ``δ ≥ 0``, or ``"auto"``: ``δ = AUTO_DAMPING_FRACTION × (mean eigenvalue of the
+curvature)``, the mean eigenvalue being ``trace / p``, exact for ``solver="dense"`` and otherwise a Hutchinson
+estimate with :data:`AUTO_DAMPING_PROBES` seeded Rademacher probes. The chosen ``δ`` and how it was chosen are
+in :attr:`DampedCurvature.damping_info` (and in every result's diagnostics).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from lightning_metaif.influence.gauss_newton import GaussNewton, check_gauss_newton_problem, has_gauss_newton
 from lightning_metaif.influence.hessian import TotalHessian
 from lightning_metaif.influence.problem import Params
 from lightning_metaif.influence.solvers import DenseMatrix, SolverError, SolveResult, solve
 from lightning_metaif.influence.tasks import Tasks
+
+Curvature = Literal["auto", "gauss_newton", "exact", "gamma"]
+CURVATURES = ("auto", "gauss_newton", "exact", "gamma")
+Damping = float | Literal["auto"]
+
+AUTO_DAMPING_FRACTION = 0.1
+"""``damping="auto"`` sets ``δ`` to this fraction of the curvature's mean eigenvalue (``trace / p``)."""
+AUTO_DAMPING_PROBES = 16
+"""Rademacher probes of the Hutchinson trace estimate behind ``damping="auto"`` (seeded, so reproducible)."""
+
+
+def resolve_curvature(problem: Any, curvature: str) -> str:
+    """The concrete curvature for ``problem``: ``"auto"`` becomes ``"gauss_newton"`` when possible.
+
+    Example:
+        >>> class OnlyLoss:
+        ...     def task_loss(self, params, task, support_weights=None, query_weights=None): ...
+        >>> resolve_curvature(OnlyLoss(), "auto")
+        'exact'
+    """
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
+    if curvature == "auto":
+        return "gauss_newton" if has_gauss_newton(problem) else "exact"
+    if curvature == "gauss_newton":
+        check_gauss_newton_problem(problem)
+    return curvature
+
+
+def mean_eigenvalue(
+    operator: Any, *, probes: int = AUTO_DAMPING_PROBES, seed: int = 0
+) -> tuple[float, float]:
+    """``trace / p`` of a symmetric operator and the standard error of the estimate.
+
+    Exact (standard error 0) for a :class:`~lightning_metaif.influence.solvers.DenseMatrix`; otherwise
+    Hutchinson's estimator ``mean_i zᵢᵀ A zᵢ / p`` over ``probes`` seeded Rademacher vectors.
+
+    Example:
+        >>> A = DenseMatrix(torch.diag(torch.tensor([1.0, 3.0], dtype=torch.float64)))
+        >>> mean_eigenvalue(A)
+        (2.0, 0.0)
+    """
+    if isinstance(operator, DenseMatrix):
+        return float(torch.diagonal(operator.matrix).mean()), 0.0
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(probes):
+        z = (torch.randint(0, 2, (operator.dim,), generator=generator) * 2 - 1).to(operator.dtype)
+        z = z.to(operator.device)
+        values.append(float(z @ operator.matvec(z)) / operator.dim)
+    estimates = torch.tensor(values, dtype=torch.float64)
+    spread = float(estimates.std(unbiased=True) / math.sqrt(probes)) if probes > 1 else float("nan")
+    return float(estimates.mean()), spread
 
 
 class DampedCurvature:
@@ -19,10 +89,11 @@ class DampedCurvature:
     Args:
         problem, params, tasks: define ``H`` (see :class:`~lightning_metaif.influence.hessian.TotalHessian`).
         solver: a name from :data:`~lightning_metaif.influence.solvers.SOLVERS`.
-        damping: ``δ ≥ 0``.
+        damping: ``δ ≥ 0``, or ``"auto"`` (see the module docstring).
+        curvature: ``"auto"``, ``"gauss_newton"``, ``"exact"`` or ``"gamma"`` (see the module docstring).
         solver_options: passed on to the solver.
-        kwargs: passed on to :class:`~lightning_metaif.influence.hessian.TotalHessian` (``task_weights``,
-            ``l2``, ``curvature``, ``chunk_size``, ``vectorize``).
+        seed: seeds the probes of ``damping="auto"``.
+        kwargs: passed on to the curvature operator (``task_weights``, ``l2``, ``chunk_size``, ``vectorize``).
 
     Example:
         >>> import torch
@@ -45,16 +116,44 @@ class DampedCurvature:
         tasks: Tasks,
         *,
         solver: str,
-        damping: float,
+        damping: Damping,
+        curvature: Curvature = "auto",
         solver_options: dict[str, Any] | None = None,
+        seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        self.solver, self.damping = solver, damping
+        self.solver = solver
+        self.curvature = resolve_curvature(problem, curvature)
         self.options = dict(solver_options or {})
-        self.operator: Any = TotalHessian(problem, params, tasks, **kwargs)
+        if self.curvature == "gauss_newton":
+            self.operator: Any = GaussNewton(problem, params, tasks, **kwargs)
+        else:
+            self.operator = TotalHessian(problem, params, tasks, curvature=self.curvature, **kwargs)
         if solver == "dense":
             self.operator = DenseMatrix(self.operator.dense())
         self.products = 0
+        self.damping, self.damping_info = self._choose_damping(damping, seed)
+
+    def _choose_damping(self, damping: Damping, seed: int) -> tuple[float, dict[str, Any]]:
+        if damping != "auto":
+            return float(damping), {"damping_rule": "user"}
+        if self.solver == "identity":
+            return 0.0, {"damping_rule": "auto", "note": "solver='identity' ignores the curvature"}
+        mean, spread = mean_eigenvalue(self.operator, seed=seed)
+        if not isinstance(self.operator, DenseMatrix):
+            self.products += AUTO_DAMPING_PROBES
+        info = {
+            "damping_rule": "auto",
+            "damping_fraction": AUTO_DAMPING_FRACTION,
+            "mean_eigenvalue": mean,
+            "mean_eigenvalue_stderr": spread,
+        }
+        if not (math.isfinite(mean) and mean > 0):
+            raise SolverError(
+                f"damping='auto' found a mean eigenvalue of {mean:.3e} for the {self.curvature} curvature, so it "
+                "cannot set δ relative to it: pass a float damping, or use curvature='gauss_newton' (PSD)."
+            )
+        return AUTO_DAMPING_FRACTION * mean, info
 
     def solve(self, rhs: Tensor) -> SolveResult:
         """``(H + δI)^{-1} rhs`` with the chosen solver (arnoldi's eigenpairs are kept for later solves)."""
@@ -93,4 +192,13 @@ def solve_diagnostics(result: SolveResult) -> dict[str, Any]:
     }
 
 
-__all__ = ["DampedCurvature", "solve_diagnostics"]
+__all__ = [
+    "AUTO_DAMPING_FRACTION",
+    "AUTO_DAMPING_PROBES",
+    "CURVATURES",
+    "Curvature",
+    "DampedCurvature",
+    "mean_eigenvalue",
+    "resolve_curvature",
+    "solve_diagnostics",
+]

@@ -36,14 +36,13 @@ from lightning_metaif.influence.arguments import (
     check_reference,
     task_weight_vector,
 )
-from lightning_metaif.influence.curvature import DampedCurvature, solve_diagnostics
+from lightning_metaif.influence.curvature import Curvature, DampedCurvature, Damping, solve_diagnostics
 from lightning_metaif.influence.gradients import (
     Utility,
     Vectorize,
     per_task_gradients,
     reference_gradient,
 )
-from lightning_metaif.influence.hessian import Curvature
 from lightning_metaif.influence.problem import ParamLayout, Params, check_problem, trainable
 from lightning_metaif.influence.results import InfluenceResult
 from lightning_metaif.influence.solvers import SolveResult
@@ -114,11 +113,11 @@ def task_influence(
     task_ids: Sequence[int] | Tensor | None = None,
     estimator: str = "task_if",
     solver: str = "cg",
-    damping: float = DEFAULT_DAMPING,
+    damping: Damping = "auto",
     l2: float = 0.0,
     utility: Utility | None = None,
     task_weights: Tensor | Sequence[float] | None = None,
-    curvature: Curvature = "exact",
+    curvature: Curvature = "auto",
     solver_options: dict[str, Any] | None = None,
     chunk_size: int = 16,
     vectorize: Vectorize = "auto",
@@ -142,14 +141,19 @@ def task_influence(
         estimator: one of ``"task_if"``, ``"direct_if"``, ``"tracin"``, ``"ensemble"``, ``"self"``.
         solver: inverse-HVP method for ``task_if`` / ``direct_if`` / ``self``: ``"identity"``, ``"dense"``,
             ``"cg"``, ``"lissa"``, ``"arnoldi"`` (``solver_options`` are passed on to it).
-        damping: ``δ ≥ 0`` in ``(H + δI)``; default :data:`DEFAULT_DAMPING` ``= 1e-3``.
+        damping: ``δ ≥ 0`` in ``(H + δI)``, or ``"auto"`` (default): a fraction
+            (:data:`~lightning_metaif.influence.curvature.AUTO_DAMPING_FRACTION`) of the curvature's mean
+            eigenvalue, estimated from seeded probes (``seed``); the chosen ``δ`` is in the diagnostics.
         l2: the L2 coefficient of the training objective (part of ``H``; not of ``g_k``).
         utility: a differentiable ``params -> scalar`` used as ``f`` instead of ``reference_tasks``.
         task_weights: ``w_k`` of the training objective (scales ``H`` and each task's score).
-        curvature: ``"exact"`` total Hessian or Ren et al.'s ``"gamma"`` surrogate.
+        curvature: ``"gauss_newton"`` (``Jᵀ H_ℓ J`` through the adaptation: PSD, needs ``query_outputs`` and
+            ``output_loss`` on the problem), ``"exact"`` total Hessian, Ren et al.'s ``"gamma"`` surrogate, or
+            ``"auto"`` (default): Gauss–Newton when the problem exposes it, else exact.
         chunk_size, vectorize: passed to the gradient / Hessian engine.
         checkpoints: :class:`Checkpoint` s for ``tracin`` / ``ensemble`` (default: ``params`` with ``η = 1``).
-        noise_copies, noise_std, seed: ``ensemble`` members ``λ + N(0, noise_std²)`` per base point (seeded).
+        noise_copies, noise_std, seed: ``ensemble`` members ``λ + N(0, noise_std²)`` per base point (seeded);
+            ``seed`` also seeds the probes of ``damping="auto"``.
         projection: callable ``[n, p] -> [n, d]`` applied to task and reference gradients (only with the
             identity: ``tracin``, ``ensemble``, or ``solver="identity"``).
         with_self_influence: also return ``self_influence``. Cheap for identity / projection / ``tracin`` /
@@ -244,7 +248,7 @@ def task_influence(
         )
         diagnostics["gradient_seconds"] = time.perf_counter() - t0
         diagnostics["mean_task_loss"] = float(losses.mean())
-        diagnostics["curvature"] = curvature
+        t0 = time.perf_counter()
         curv = DampedCurvature(
             target,
             params,
@@ -252,10 +256,17 @@ def task_influence(
             solver=solver,
             damping=damping,
             solver_options=solver_options,
+            seed=seed,
             task_weights=weights,
             l2=l2,
             curvature=curvature,
             **engine,
+        )
+        diagnostics.update(
+            curvature=curv.curvature,
+            damping=curv.damping,
+            **curv.damping_info,
+            curvature_seconds=time.perf_counter() - t0,
         )
         if estimator == "self":
             t0 = time.perf_counter()
@@ -270,7 +281,7 @@ def task_influence(
             t0 = time.perf_counter()
             if identity_projection is not None:
                 ref_grad = identity_projection(ref_grad[None])[0]
-                result = SolveResult(ref_grad, "identity", damping, 0, float("nan"), True)
+                result = SolveResult(ref_grad, "identity", curv.damping, 0, float("nan"), True)
             else:
                 result = curv.solve(ref_grad)
             diagnostics.update(solve_diagnostics(result), solve_seconds=time.perf_counter() - t0)
@@ -371,10 +382,10 @@ def parameter_change(
     *,
     task_ids: Sequence[int] | Tensor | None = None,
     solver: str = "cg",
-    damping: float = DEFAULT_DAMPING,
+    damping: Damping = "auto",
     l2: float = 0.0,
     task_weights: Tensor | Sequence[float] | None = None,
-    curvature: Curvature = "exact",
+    curvature: Curvature = "auto",
     solver_options: dict[str, Any] | None = None,
     chunk_size: int = 16,
     vectorize: Vectorize = "auto",

@@ -23,14 +23,12 @@ from torch import Tensor
 from torch.func import grad, jvp, vmap
 
 from lightning_metaif.influence.arguments import (
-    DEFAULT_DAMPING,
     check_common,
     check_reference,
     task_weight_vector,
 )
-from lightning_metaif.influence.curvature import DampedCurvature, solve_diagnostics
+from lightning_metaif.influence.curvature import Curvature, DampedCurvature, Damping, solve_diagnostics
 from lightning_metaif.influence.gradients import Utility, Vectorize, reference_gradient, use_vmap
-from lightning_metaif.influence.hessian import Curvature
 from lightning_metaif.influence.problem import ParamLayout, Params, check_problem, detached, trainable
 from lightning_metaif.influence.results import jsonable
 from lightning_metaif.influence.tasks import Task, TaskBatch, Tasks, iter_chunks, resolve_task_ids
@@ -102,11 +100,11 @@ def instance_influence(
     *,
     task_ids: Sequence[int] | Tensor | None = None,
     solver: str = "cg",
-    damping: float = DEFAULT_DAMPING,
+    damping: Damping = "auto",
     l2: float = 0.0,
     utility: Utility | None = None,
     task_weights: Tensor | Sequence[float] | None = None,
-    curvature: Curvature = "exact",
+    curvature: Curvature = "auto",
     solver_options: dict[str, Any] | None = None,
     chunk_size: int = 16,
     vectorize: Vectorize = "auto",
@@ -182,7 +180,8 @@ def instance_influence(
         "num_tasks": num_tasks,
         "num_params": layout.numel,
         "l2": l2,
-        "curvature": curvature,
+        "curvature": curv.curvature,
+        **curv.damping_info,
         "reference_value": float(ref_value),
         "reference_grad_norm": float(ref_grad.norm()),
         **solve_diagnostics(result),

@@ -30,6 +30,11 @@ class MetaProblem(Protocol):
     * ``adapt(params, task, support_weights=None) -> Params`` and
       ``outer_loss(adapted_params, params, task, query_weights=None) -> Tensor``: the two halves of
       ``task_loss``; needed by the Γ-surrogate Hessian and by direct-IF.
+    * ``query_outputs(params, task, support_weights=None) -> Tensor`` (the adapted network's outputs on the
+      query inputs, e.g. logits ``[Q, C]``) and ``output_loss(outputs, task, query_weights=None) -> Tensor``
+      (the query loss from those outputs, convex in them: cross-entropy, squared error), with
+      ``output_loss(query_outputs(params, task), task) == task_loss(params, task)``; needed by the
+      Gauss–Newton curvature (``curvature="gauss_newton"``, the default where available).
     """
 
     def task_loss(

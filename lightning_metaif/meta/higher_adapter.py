@@ -155,6 +155,16 @@ class HigherProblem:
         out = torch.func.functional_call(self.model, weights, (task.query_x,))
         return _weighted_mean(self.loss_fn(out, task.query_y, reduction="none"), query_weights)
 
+    def query_outputs(
+        self, params: Mapping[str, Tensor], task: Any, support_weights: Tensor | None = None
+    ) -> Tensor:
+        """Outputs of the adapted model on the query inputs (for the Gauss–Newton curvature)."""
+        return self._adapted_model(params, task, support_weights)(task.query_x)
+
+    def output_loss(self, outputs: Tensor, task: Any, query_weights: Tensor | None = None) -> Tensor:
+        """Weighted mean query loss of ``outputs`` (from :meth:`query_outputs`)."""
+        return _weighted_mean(self.loss_fn(outputs, task.query_y, reduction="none"), query_weights)
+
     def task_loss(
         self,
         params: Mapping[str, Tensor],

@@ -287,7 +287,10 @@ class MAML(LightningModule):
 
     def sample_losses(self, theta: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         """Per-sample losses ``[n]`` of the backbone with weights ``theta`` (backbone names)."""
-        out = self._forward(theta, x)
+        return self.output_sample_losses(self._forward(theta, x), y)
+
+    def output_sample_losses(self, out: Tensor, y: Tensor) -> Tensor:
+        """Per-sample losses ``[n]`` of network outputs ``out`` (logits or predictions) against targets ``y``."""
         if self.loss_name == "cross_entropy":
             return F.cross_entropy(out, y, reduction="none")
         if out.dim() == y.dim() + 1 and out.shape[-1] == 1:
@@ -347,6 +350,22 @@ class MAML(LightningModule):
         """Weighted mean query loss at the adapted weights (missing entries fall back to ``params``)."""
         theta, _ = self._unpack({**params, **adapted})
         return weighted_mean(self.sample_losses(theta, task.query_x, task.query_y), query_weights)
+
+    def query_outputs(
+        self, params: Mapping[str, Tensor], task: Any, support_weights: Tensor | None = None
+    ) -> Tensor:
+        """Outputs (logits or predictions) of the adapted network on the query inputs, ``[Q, outputs]``.
+
+        With :meth:`output_loss` this is what the Gauss–Newton curvature needs:
+        ``output_loss(query_outputs(λ, task), task) == task_loss(λ, task)`` (for iMAML, with the identity
+        Jacobian of :meth:`adapt`).
+        """
+        theta, _ = self._unpack({**params, **self.adapt(params, task, support_weights)})
+        return self._forward(theta, task.query_x)
+
+    def output_loss(self, outputs: Tensor, task: Any, query_weights: Tensor | None = None) -> Tensor:
+        """Weighted mean query loss of ``outputs`` (from :meth:`query_outputs`) against the query targets."""
+        return weighted_mean(self.output_sample_losses(outputs, task.query_y), query_weights)
 
     def task_loss(
         self,

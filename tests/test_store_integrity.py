@@ -8,6 +8,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -315,3 +316,55 @@ def test_round_files_rollback_drops_later_rounds_and_torn_lines(tmp_path: Path) 
             a, b = ([line.split(",")[:4] for line in x.splitlines()] for x in (a, b))
         assert a == b, name
     assert [r.step for r in load_run(tmp_path / "c").rounds] == [1, 2, 5]
+
+
+def test_verified_chunks_are_cached_until_the_file_changes(tmp_path: Path) -> None:
+    store = _small_store(tmp_path)
+    ckpt = store.checkpoints()[0]
+    before = store.dot(ckpt, torch.ones(DIM))  # verifies every chunk once
+    h = read_header(ckpt.path)
+    st = ckpt.path.stat()
+    bad = bytearray(ckpt.path.read_bytes())
+    bad[h.data_offset + 2] ^= 0x10
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    ckpt.path.write_bytes(bytes(bad))  # in place, like a hex editor: same inode and size, new mtime
+    with pytest.raises(StoreChecksumError, match="record 0, chunk 0"):
+        store.dot(ckpt, torch.ones(DIM))
+    os.utime(ckpt.path, ns=(st.st_atime_ns, st.st_mtime_ns))  # a change that hides from the file's identity
+    cached = GradientStore.open(tmp_path, verify=True)
+    cached.dot(ckpt, torch.ones(DIM), verify=False)
+    ckpt.path.write_bytes(bytes(bad))  # (no sleep: the next read should not depend on mtime)
+    os.utime(ckpt.path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(StoreChecksumError):  # never verified by this object: checked now
+        cached.dot(ckpt, torch.ones(DIM))
+    good = bytearray(bad)
+    good[h.data_offset + 2] ^= 0x10
+    ckpt.path.write_bytes(bytes(good))
+    os.utime(ckpt.path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    warm = GradientStore.open(tmp_path)
+    torch.testing.assert_close(warm.dot(ckpt, torch.ones(DIM)), before)  # verified and cached
+    ckpt.path.write_bytes(bytes(bad))
+    os.utime(ckpt.path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert not torch.equal(
+        warm.dot(ckpt, torch.ones(DIM)), before
+    )  # cached: the hidden change is not re-hashed
+    with pytest.raises(StoreChecksumError):
+        warm.dot(ckpt, torch.ones(DIM), verify="always")  # ... unless asked to hash on every read
+    with pytest.raises(ValueError, match="verify must be True, False or 'always'"):
+        warm.dot(ckpt, torch.ones(DIM), verify="sometimes")
+
+
+def test_rollback_with_another_ranks_state(tmp_path: Path) -> None:
+    """DDP: each rank writes its own store, the checkpoint holds rank 0's state; it rolls every rank back."""
+    ranks = [GradientStore(tmp_path / f"rank{r}", dim=2) for r in (0, 1)]
+    for step in (1, 2):
+        for r, s in enumerate(ranks):
+            s.write_checkpoint(step, 0.1, [r], torch.full((1, 2), float(r + step)))
+    saved = ranks[0].state_dict()
+    for r, s in enumerate(ranks):
+        s.write_checkpoint(3, 0.1, [r, r + 2], torch.ones(2, 2))
+    dropped = ranks[1].rollback(saved, move_aside=False)
+    assert [(d.step, d.rows) for d in dropped] == [(3, 2)]
+    assert [c.step for c in ranks[1].checkpoints()] == [1, 2]
+    with pytest.raises(ValueError, match="lacks files listed in the state dict: \\['record 1'\\]"):
+        GradientStore(tmp_path / "short", dim=2).rollback({**saved, "checkpoints": saved["checkpoints"][1:]})

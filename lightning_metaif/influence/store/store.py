@@ -110,6 +110,24 @@ DEFAULT_SEGMENT_BYTES = 64 * 2**20
 _WRITE_PIECE_BYTES = 2**20
 
 
+Verify = bool | Literal["always"]
+
+
+def _verify_mode(verify: Any) -> bool | str:
+    if verify is True or verify is False or verify == "always":
+        return verify
+    raise ValueError(f"verify must be True, False or 'always', got {verify!r}.")
+
+
+@dataclass
+class _Check:
+    """Checksums of one file for one read: the table, and which data chunks this store already verified."""
+
+    table: np.ndarray
+    verified: np.ndarray
+    always: bool
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     """Metadata of one committed file: a checkpoint, or a trajectory segment (``kind == "segment"``).
@@ -361,8 +379,10 @@ class GradientStore:
         readonly: open an existing store for reading only (no temp-file clean up, no writes, no lock). A writable
             store holds an exclusive OS lock on ``root/.lock`` until :meth:`close` (or until its process dies):
             a writer in another process gets :class:`~lightning_metaif.influence.store.lock.StoreLockedError`.
-        verify: check every chunk that a read returns against its checksum (default); ``False`` skips it (each
-            read method also takes ``verify=``). A mismatch raises :class:`StoreChecksumError`.
+        verify: check what reads return against the checksums (default ``True``): task ids, steps and learning
+            rates on every read, each chunk of rows the first time this object reads it (again if the file
+            changes on disk); ``"always"`` hashes the rows on every read too; ``False`` checks nothing. Each read
+            method also takes ``verify=``. A mismatch raises :class:`StoreChecksumError`.
         chunk_bytes: data bytes per checksum chunk of new files (rows per chunk = ``chunk_bytes // row bytes``);
             reads stream one chunk at a time, so the default 1 MiB keeps a chunk in the CPU cache.
 
@@ -389,7 +409,7 @@ class GradientStore:
         projection: dict[str, Any] | None = None,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         readonly: bool = False,
-        verify: bool = True,
+        verify: Verify = True,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         if int(dim) <= 0:
@@ -405,10 +425,10 @@ class GradientStore:
         self.projection = _normalize_json(projection, "projection") if projection is not None else None
         self.segment_bytes = int(segment_bytes)
         self.readonly = bool(readonly)
-        self.verify_reads = bool(verify)
+        self.verify_reads = _verify_mode(verify)
         row_bytes = self.dim * _DTYPES[self.dtype_name][2].itemsize
         self.chunk_rows = max(1, min(int(chunk_bytes) // row_bytes, 2**32 - 1))
-        self._tables: dict[str, np.ndarray] = {}
+        self._tables: dict[str, tuple[tuple[int, int, int], np.ndarray, np.ndarray]] = {}
         self._closed = False
         self._entries: dict[str, CheckpointInfo] = {}
         self._headers: dict[str, FileHeader] = {}
@@ -810,17 +830,32 @@ class GradientStore:
             self._headers[name] = self._check_header(read_header(self.root / name))
         return self._headers[name]
 
-    def _checksums(self, h: FileHeader, f: Any, verify: bool | None) -> np.ndarray | None:
-        """The file's checksum table (cached) when reads verify, else ``None``."""
-        if not (self.verify_reads if verify is None else bool(verify)):
+    def _checksums(self, h: FileHeader, f: Any, verify: Verify | None) -> _Check | None:
+        """What a read must check (``None``: nothing): the file's checksum table and its verified data chunks.
+
+        The table is cached with the file's identity (inode, size, modification time); data chunks verified once
+        by this object are not hashed again while that identity holds, unless ``verify="always"``. A file
+        changed on disk since it was opened has its header re-validated and every chunk verified again.
+        """
+        mode = _verify_mode(self.verify_reads if verify is None else verify)
+        if not mode:
             return None
         name = h.path.name
-        if name not in self._tables:
+        st = os.fstat(f.fileno())
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._tables.get(name)
+        if cached is None or cached[0] != key:
+            if cached is not None and self._check_header(read_header(h.path)) != h:
+                raise StoreFormatError(
+                    f"{h.path}: the file was replaced after this store opened it (its header changed); "
+                    "call refresh() or reopen the store."
+                )
             table = read_checksums(f, h)
             if h.kind == "checkpoint" and table[:, 2:].any():  # no steps/lrs columns: their digests are 0
                 raise self._damaged(h, int(np.flatnonzero(table[:, 2:].any(axis=1))[0]), "checksum table")
-            self._tables[name] = table
-        return self._tables[name]
+            cached = (key, table, np.zeros(h.chunks, dtype=bool))
+            self._tables[name] = cached
+        return _Check(cached[1], cached[2], mode == "always")
 
     def _damaged(self, h: FileHeader, chunk: int, section: str) -> StoreChecksumError:
         entry = self._entries.get(h.path.name)
@@ -828,29 +863,36 @@ class GradientStore:
             h.path, chunk, h.chunk_range(chunk), section, None if entry is None else entry.index
         )
 
-    def _read_column(self, h: FileHeader, f: Any, table: np.ndarray | None, section: str) -> np.ndarray:
-        """A whole ``ids``/``steps``/``lrs`` column, every chunk checked against the table when given."""
+    def _read_column(self, h: FileHeader, f: Any, check: _Check | None, section: str) -> np.ndarray:
+        """A whole ``ids``/``steps``/``lrs`` column; with ``check``, every chunk of it is verified (cheap: 8 B/row)."""
         offset = {"ids": h.ids_offset, "steps": h.steps_offset, "lrs": h.lrs_offset}[section]
         col = np.empty(h.rows, dtype="<f8" if section == "lrs" else "<i8")
         _read_exact(f, offset, col)
-        if table is not None:
+        if check is not None:
             s = SECTIONS.index(section)
             for c in range(h.chunks):
                 start, stop = h.chunk_range(c)
-                if digest(col[start:stop]) != int(table[c, s]):
+                if digest(col[start:stop]) != int(check.table[c, s]):
                     raise self._damaged(h, c, section)
         return col
 
-    def _verify_data(self, h: FileHeader, f: Any, table: np.ndarray) -> None:
+    def _check_data(self, h: FileHeader, check: _Check | None, chunk: int, raw: np.ndarray) -> None:
+        if check is None or not (check.always or not check.verified[chunk]):
+            return
+        if digest(raw) != int(check.table[chunk, 0]):
+            raise self._damaged(h, chunk, "data")
+        check.verified[chunk] = True
+
+    def _verify_data(self, h: FileHeader, f: Any, check: _Check) -> None:
         buf = np.empty((min(h.chunk_rows, h.rows), h.dim), dtype=_DTYPES[h.dtype][2])
         for c in range(h.chunks):
-            start, stop = h.chunk_range(c)
-            part = buf[: stop - start]
-            _read_exact(f, h.data_offset + start * h.row_bytes, part)
-            if digest(part) != int(table[c, 0]):
-                raise self._damaged(h, c, "data")
+            if check.always or not check.verified[c]:
+                start, stop = h.chunk_range(c)
+                part = buf[: stop - start]
+                _read_exact(f, h.data_offset + start * h.row_bytes, part)
+                self._check_data(h, check, c, part)
 
-    def read(self, info: CheckpointInfo | int, *, verify: bool | None = None) -> tuple[Tensor, Tensor]:
+    def read(self, info: CheckpointInfo | int, *, verify: Verify | None = None) -> tuple[Tensor, Tensor]:
         """``(task_ids [rows] int64, rows [rows, dim] store dtype)`` backed by copy-on-write memmaps (not loaded).
 
         Writing to the returned tensors never changes the file. Pages are read on access. With verification on
@@ -860,10 +902,10 @@ class GradientStore:
         if h.rows == 0:
             return torch.empty(0, dtype=torch.int64), torch.empty(0, h.dim, dtype=self.dtype)
         with open(h.path, "rb", buffering=0) as f:
-            table = self._checksums(h, f, verify)
-            if table is not None:
-                self._read_column(h, f, table, "ids")
-                self._verify_data(h, f, table)
+            check = self._checksums(h, f, verify)
+            if check is not None:
+                self._read_column(h, f, check, "ids")
+                self._verify_data(h, f, check)
         ids = np.memmap(h.path, dtype="<i8", mode="c", offset=h.ids_offset, shape=(h.rows,))
         data = np.memmap(
             h.path, dtype=_DTYPES[h.dtype][2], mode="c", offset=h.data_offset, shape=(h.rows, h.dim)
@@ -873,13 +915,15 @@ class GradientStore:
             rows = rows.view(torch.bfloat16)
         return torch.from_numpy(ids), rows
 
-    def read_ids(self, info: CheckpointInfo | int, *, verify: bool | None = None) -> Tensor:
+    def read_ids(self, info: CheckpointInfo | int, *, verify: Verify | None = None) -> Tensor:
         """Task ids ``[rows]`` of one file (loaded; verified by default)."""
         h = self._header(info)
         with open(h.path, "rb", buffering=0) as f:
             return torch.from_numpy(self._read_column(h, f, self._checksums(h, f, verify), "ids"))
 
-    def read_steps(self, info: CheckpointInfo | int, *, verify: bool | None = None) -> tuple[Tensor, Tensor]:
+    def read_steps(
+        self, info: CheckpointInfo | int, *, verify: Verify | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Per-row ``(steps int64, learning_rates float64)`` (loaded, verified by default); constant for a checkpoint."""
         h = self._header(info)
         if h.kind == "checkpoint" or h.rows == 0:
@@ -887,9 +931,9 @@ class GradientStore:
                 (h.rows,), h.learning_rate, dtype=torch.float64
             )
         with open(h.path, "rb", buffering=0) as f:
-            table = self._checksums(h, f, verify)
-            steps = self._read_column(h, f, table, "steps")
-            lrs = self._read_column(h, f, table, "lrs")
+            check = self._checksums(h, f, verify)
+            steps = self._read_column(h, f, check, "steps")
+            lrs = self._read_column(h, f, check, "lrs")
         return torch.from_numpy(steps), torch.from_numpy(lrs)
 
     def iter_blocks(
@@ -898,7 +942,7 @@ class GradientStore:
         *,
         compute_dtype: torch.dtype = torch.float32,
         columns: bool = False,
-        verify: bool | None = None,
+        verify: Verify | None = None,
     ) -> Iterator[tuple[int, int, Tensor, np.ndarray | None, np.ndarray | None, np.ndarray | None]]:
         """Stream ``(start, stop, rows[start:stop] in compute_dtype, ids, steps, lrs)``, one checksum chunk a time.
 
@@ -917,20 +961,19 @@ class GradientStore:
             raw_t = raw_t.view(torch.bfloat16)
         conv = None if self.dtype == compute_dtype else torch.empty((nrows, h.dim), dtype=compute_dtype)
         with open(h.path, "rb", buffering=0) as f:
-            table = self._checksums(h, f, verify)
+            check = self._checksums(h, f, verify)
             ids_col = steps_col = lrs_col = None
             if columns:
-                ids_col = self._read_column(h, f, table, "ids")
+                ids_col = self._read_column(h, f, check, "ids")
                 if h.kind == "segment":
-                    steps_col = self._read_column(h, f, table, "steps")
-                    lrs_col = self._read_column(h, f, table, "lrs")
+                    steps_col = self._read_column(h, f, check, "steps")
+                    lrs_col = self._read_column(h, f, check, "lrs")
             f.seek(h.data_offset)
             for c in range(h.chunks):
                 start, stop = h.chunk_range(c)
                 n = stop - start
                 _read_exact(f, None, raw[:n])  # sequential: chunks are contiguous
-                if table is not None and digest(raw[:n]) != int(table[c, 0]):
-                    raise self._damaged(h, c, "data")
+                self._check_data(h, check, c, raw[:n])
                 block = raw_t[:n]
                 if conv is not None:
                     block = conv[:n].copy_(block)
@@ -949,7 +992,7 @@ class GradientStore:
         vectors: Tensor,
         *,
         compute_dtype: torch.dtype = torch.float32,
-        verify: bool | None = None,
+        verify: Verify | None = None,
     ) -> Tensor:
         """``rows @ vectors`` for ``vectors`` ``[dim]`` or ``[dim, r]`` -> ``[rows]`` / ``[rows, r]``, streamed.
 
@@ -1029,22 +1072,31 @@ class GradientStore:
             "checkpoints": [info.to_dict() for info in self._entries.values()],
         }
 
-    def _check_listed(self, state: Mapping[str, Any]) -> dict[str, Any]:
-        listed = {c["file"]: c for c in state.get("checkpoints", [])}
-        missing = sorted(set(listed) - set(self._entries))
+    def _check_listed(self, state: Mapping[str, Any]) -> set[int]:
+        """Commit indices a saved state lists; every one must still be here (and, same store, unchanged)."""
+        listed = list(state.get("checkpoints", []))
+        same_store = Path(state.get("root", "")).absolute() == self.root
+        by_index = {info.index: info for info in self._entries.values()}
+        if same_store:
+            missing = sorted(c["file"] for c in listed if c["file"] not in self._entries)
+        else:  # another rank's store: same records in the same order, other contents
+            missing = sorted(f"record {c['index']}" for c in listed if c["index"] not in by_index)
         if missing:
             raise ValueError(
                 f"{self.root} lacks files listed in the state dict: {missing[:5]}; the store was modified or "
                 "the state belongs to another store."
             )
-        for name, entry in listed.items():
-            info = self._entries[name]
-            if info.rows != entry["rows"] or info.step != entry["step"]:
+        for entry in listed:
+            info = self._entries[entry["file"]] if same_store else by_index[entry["index"]]
+            if info.kind != entry["kind"] or (
+                same_store and (info.rows, info.step) != (entry["rows"], entry["step"])
+            ):
                 raise ValueError(
-                    f"{name}: state dict says step {entry['step']}, {entry['rows']} rows; the store has step "
-                    f"{info.step}, {info.rows} rows (the state belongs to another store)."
+                    f"{info.path.name}: state dict says {entry['kind']} at step {entry['step']}, {entry['rows']} "
+                    f"rows; the store has {info.kind} at step {info.step}, {info.rows} rows (the state belongs to "
+                    "another store)."
                 )
-        return listed
+        return {int(c["index"]) for c in listed}
 
     def rollback(self, state: Mapping[str, Any], *, move_aside: bool = True) -> list[CheckpointInfo]:
         """Return the store to a saved :meth:`state_dict`: drop every record committed after it; report them.
@@ -1054,7 +1106,8 @@ class GradientStore:
         re-records them exactly as an uninterrupted run would (same file names, same commit indices). With
         ``move_aside=True`` (default) their files move to ``root/rolled-back/<time>-<id>/`` (ignored by the store),
         otherwise they are deleted. Every record the state lists must still be there unchanged (else
-        ``ValueError``). Crash-safe: the manifest drops the records first, so an interrupted rollback leaves
+        ``ValueError``). Records are matched by commit index, so the state of another rank's store (which writes
+        the same sequence of records, as the per-rank stores of a DDP run do) rolls this one back as well. Crash-safe: the manifest drops the records first, so an interrupted rollback leaves
         unlisted files that the next open adopts and the next rollback drops again.
 
         Example:
@@ -1072,7 +1125,7 @@ class GradientStore:
         listed = self._check_listed(state)
         self._buffer.clear()
         self._buffer_bytes = 0
-        later = [info for name, info in self._entries.items() if name not in listed]
+        later = [info for info in self._entries.values() if info.index not in listed]
         for info in later:
             del self._entries[info.path.name]
             self._headers.pop(info.path.name, None)

@@ -1,4 +1,4 @@
-"""Faithfulness of every estimator against retraining (MATH.md §7).
+"""Faithfulness of every estimator against retraining (docs/maths.md §7).
 
 Ground truth: leave-one-task-out (LOO) retraining with ``lightning_metaif.influence.retraining``: float64,
 damped Newton with the exact Hessian to a gradient norm < 1e-10, L2 term so that the total Hessian is clearly

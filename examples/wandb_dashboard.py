@@ -12,7 +12,12 @@
    * ``influence/tasks``: a table with one row per task (id, score, rank, weight, pruned, classes, corrupted):
      sort it by ``score`` to see the most harmful tasks;
    * ``influence/top_harmful`` and ``influence/top_helpful``: bar charts; ``influence/score_hist``: histogram;
-   * ``influence/score_stats`` and ``influence/detection``: line charts over the rounds.
+   * ``influence/score_stats`` and ``influence/detection``: line charts over the rounds;
+   * ``influence/harmful_samples``: a table of the most harmful support and query samples, with their images.
+
+   This script turns every panel on: ground truth (``corrupted_task_ids``) for the detection panel, pruning for
+   the pruned counts, and sample influence for the harmful-samples table. ``docs/make_figures.py`` draws the
+   pictures of the documentation's dashboard page from this run's logged data.
 
 3. The run is in ``<output-dir>/wandb/offline-run-<time>-<id>/`` (the script prints it). Upload it with
 
@@ -54,7 +59,8 @@ def main(argv=None):
     influence = MetaInfluence(
         mode="trajectory",
         pruning=PruningPolicy(fraction=0.2, warmup_rounds=1 if fast else 4),
-        corrupted_task_ids=corruption.task_ids,
+        corrupted_task_ids=corruption.task_ids,  # ground truth: turns on the detection panel
+        sample_top_k=8,  # instance influence of the 8 most harmful tasks: the harmful-samples table with images
     )
     dm = MetaDataModule(train_pool, splits.val, splits.test, batch_size=10, task_state=influence.task_state)
     logger = wandb_logger(  # Lightning's WandbLogger, minus a deprecated setting wandb warns about

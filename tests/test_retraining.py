@@ -1,4 +1,4 @@
-"""Influence scores against the truth: leave-one-task-out and leave-one-sample-out retraining (MATH.md §7).
+"""Influence scores against the truth: leave-one-task-out and leave-one-sample-out retraining (docs/maths.md §7).
 
 A 3-step MAML MLP classifier (inner lr 0.5, 43 parameters) on Gaussian-blob tasks, L2 = 0.1 so the total
 Hessian is clearly PD at the optimum, trained in float64 with damped Newton to a gradient norm < 1e-10; every

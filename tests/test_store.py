@@ -336,7 +336,7 @@ def test_tracin_checkpoints_with_mapping_callable_and_alignment(tmp_path: Path) 
 
 
 def test_trajectory_segments_buffering_and_tracin_completeness(tmp_path: Path) -> None:
-    """TracIn along an SGD trajectory on least squares: Σ_k score_k ≈ f(λ_0) − f(λ_T) (MATH.md §5)."""
+    """TracIn along an SGD trajectory on least squares: Σ_k score_k ≈ f(λ_0) − f(λ_T) (docs/maths.md §5)."""
     torch.manual_seed(1)
     p, num_tasks, batch, steps, lr = 8, 12, 4, 61, 0.02
     truth = torch.randn(p, dtype=torch.float64)

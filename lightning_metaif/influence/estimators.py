@@ -1,4 +1,4 @@
-"""Task influence: task-IF, direct-IF, TracInCP, the inner-product ensemble, self-influence (MATH.md §3, §5).
+"""Task influence: task-IF, direct-IF, TracInCP, the inner-product ensemble, self-influence (docs/maths.md §3, §5).
 
 Every estimator returns an :class:`InfluenceResult` whose ``scores`` follow the project's one convention:
 ``score_k`` is the first-order predicted *increase* of the reference objective ``f`` if task k were removed

@@ -1,4 +1,4 @@
-"""Per-task total gradients and the reference gradient (MATH.md §2-3).
+"""Per-task total gradients and the reference gradient (docs/maths.md §2-3).
 
 Two paths compute the same numbers:
 

@@ -1,4 +1,4 @@
-"""Total-Hessian-vector products of the training objective through the adaptation (MATH.md §2).
+"""Total-Hessian-vector products of the training objective through the adaptation (docs/maths.md §2).
 
 ``F(λ) = (1/M) Σ_k w_k ℓ_k(λ) + (l2/2)‖λ‖²``. :class:`TotalHessian` is a linear operator ``v ↦ ∇²F v``:
 

@@ -1,4 +1,4 @@
-"""Instance influence (instance-IF, MATH.md §4): scores of every support and query sample of every task.
+"""Instance influence (instance-IF, docs/maths.md §4): scores of every support and query sample of every task.
 
 With ``s = (H + δI)^{-1} ∇f`` (one solve shared by all tasks) and per-sample weights ``u`` of task k,
 

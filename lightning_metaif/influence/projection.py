@@ -1,4 +1,4 @@
-"""Seeded random projections of flat gradients, generated block by block (MATH.md §5; TracIn, TRAK).
+"""Seeded random projections of flat gradients, generated block by block (docs/maths.md §5; TracIn, TRAK).
 
 ``RandomProjection(p, d)`` maps rows ``x [n, p]`` to ``x Pᵀ [n, d]`` with ``P ∈ R^{d×p}`` of i.i.d. entries
 ``N(0, 1)/√d`` (``kind="gaussian"``) or ``±1/√d`` (``kind="rademacher"``), so ``E[(Pa)ᵀ(Pb)] = aᵀb`` and

@@ -1,4 +1,4 @@
-"""Ground truth by retraining, for small problems (MATH.md §7).
+"""Ground truth by retraining, for small problems (docs/maths.md §7).
 
 Influence scores are first-order predictions of what retraining would do; this module does the retraining
 so that tests and benchmarks can measure them against the truth:

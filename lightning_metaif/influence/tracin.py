@@ -1,4 +1,4 @@
-"""TracIn, TracInCP, inner-product influence and its ensemble (MATH.md §5): Hessian-free estimators.
+"""TracIn, TracInCP, inner-product influence and its ensemble (docs/maths.md §5): Hessian-free estimators.
 
 * :class:`Checkpoint`: a saved parameter point with the learning rate used after it and, for Adam, the
   preconditioner ``1/(√v̂ + ε)`` (flat, in ``ParamLayout`` order) as LESS uses it.

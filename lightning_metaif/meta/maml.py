@@ -8,7 +8,7 @@ Meta-parameters (:meth:`MAML.meta_parameters`) are named like ``MAML.named_param
 ``"backbone.<name>"`` for the network weights and, with ``learn_inner_lr=True`` (Meta-SGD),
 ``"inner_lrs.<name with '.' replaced by '__'>"`` for the learned per-element inner learning rates.
 
-What each algorithm's ``task_loss`` differentiates to (the total gradient ``g_k``, MATH.md §2):
+What each algorithm's ``task_loss`` differentiates to (the total gradient ``g_k``, docs/maths.md §2):
 
 * ``"maml"``: second-order MAML, the exact derivative through the unrolled inner steps.
 * ``"fomaml"``: the inner gradients are detached (stop-gradient), so ``g_k = ∇_θ L_O(θ_K)`` (plus, with

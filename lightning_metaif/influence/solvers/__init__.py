@@ -1,4 +1,4 @@
-"""Inverse-Hessian-vector-product solvers with explicit damping (MATH.md §6).
+"""Inverse-Hessian-vector-product solvers with explicit damping (docs/maths.md §6).
 
 ``solve(operator, rhs, method=..., damping=δ)`` returns ``s ≈ (H + δI)^{-1} rhs`` as a :class:`SolveResult`.
 """

@@ -1,4 +1,4 @@
-"""Conjugate gradient on the damped Hessian ``H + δI`` (MATH.md §6).
+"""Conjugate gradient on the damped Hessian ``H + δI`` (docs/maths.md §6).
 
 CG needs ``H + δI`` to be positive definite. It meets the curvature of the operator along each search direction
 ``p`` (``pᵀ(H + δI)p``); a non-positive value proves ``H + δI`` is not positive definite, and the solve fails

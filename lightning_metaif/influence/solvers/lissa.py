@@ -10,7 +10,7 @@ a fresh random task mini-batch at every step (``operator.subsample(batch_size, g
 of ``H``; the partial sums are then unbiased estimates of the truncated series (the factors are independent), and
 ``repeats`` independent runs are averaged to reduce the variance.
 
-Note on the damping: Koh & Liang's form ``s_{j+1} = v + (1 − δ) s_j − H_b s_j / scale`` (MATH.md §6's table)
+Note on the damping: Koh & Liang's form ``s_{j+1} = v + (1 − δ) s_j − H_b s_j / scale`` (the form most code copies, docs/maths.md §6)
 solves ``(H + δ·scale·I) s = v``: its effective damping is ``δ·scale``. Here ``δ`` means the same as in every
 other solver: the solution is ``(H + δI)^{-1} v``.
 

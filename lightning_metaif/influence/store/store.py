@@ -1,4 +1,4 @@
-"""Memory-mapped store of projected per-task gradients at training checkpoints (MATH.md §5, TracIn/TracInCP).
+"""Memory-mapped store of projected per-task gradients at training checkpoints (docs/maths.md §5, TracIn/TracInCP).
 
 A :class:`GradientStore` is a directory::
 

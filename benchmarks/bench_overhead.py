@@ -25,6 +25,9 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_metaif.callback import MetaInfluence
+from lightning_metaif.config import GradientStoreConfig
+from lightning_metaif.estimators import TaskIF
+from lightning_metaif.influence.solvers import CG
 from lightning_metaif.meta.datamodule import MetaDataModule
 from lightning_metaif.meta.datasets import digits_splits
 from lightning_metaif.meta.maml import MAML
@@ -51,12 +54,14 @@ def one_run(splits, args, mode: str | None, workdir: str) -> dict:
     influence = None
     callbacks = []
     if mode is not None:
+        estimator = TaskIF(solver=CG(max_iterations=args.cg_iterations)) if mode == "task_if" else mode
         influence = MetaInfluence(
-            mode=mode,
-            store_dir=os.path.join(workdir, "metaif"),
-            projection_dim=args.projection_dim,
-            solver_options={"max_iterations": args.cg_iterations},
-            **({"store_trajectory": True} if args.store_trajectory else {}),
+            estimator,
+            store=GradientStoreConfig(
+                projection_dim=args.projection_dim,
+                dirpath=os.path.join(workdir, "metaif"),
+                trajectory=args.store_trajectory,
+            ),
             verbose=False,
         )
         callbacks.append(influence)

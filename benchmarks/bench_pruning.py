@@ -132,6 +132,7 @@ def online(splits, epochs: int) -> list[dict]:
 
     from lightning_metaif.actions import PruningPolicy
     from lightning_metaif.callback import MetaInfluence
+    from lightning_metaif.config import GradientStoreConfig
     from lightning_metaif.meta.datamodule import MetaDataModule
 
     pool, corruption = corrupt_tasks(splits.train, 0.2, mode="shuffle_query", seed=0)
@@ -143,11 +144,11 @@ def online(splits, epochs: int) -> list[dict]:
         cbs, influence = [], None
         if with_cb:
             influence = MetaInfluence(
-                mode="trajectory",
-                pruning=PruningPolicy(fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.1),
-                corrupted_task_ids=corruption.task_ids.tolist(),
+                "trajectory",
+                actions=[PruningPolicy(fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.1)],
+                ground_truth=corruption.task_ids.tolist(),
                 verbose=False,
-                store_dir=tempfile.mkdtemp(),
+                store=GradientStoreConfig(dirpath=tempfile.mkdtemp()),
             )
             cbs.append(influence)
         dm = MetaDataModule(

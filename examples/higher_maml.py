@@ -93,12 +93,11 @@ def main(argv=None):
     splits = digits_splits(num_train_tasks=20 if fast else 60, num_val_tasks=5, num_test_tasks=5)
     train, corruption = corrupt_tasks(splits.train, 0.2, mode="random_labels")
     influence = MetaInfluence(
-        mode="trajectory",
+        "trajectory",
         reference=list(splits.val),  # a list: the loop path
         pool=train,
-        projection_dim=128,
-        pruning=PruningPolicy(fraction=0.2, warmup_rounds=1),
-        corrupted_task_ids=corruption.task_ids,
+        actions=[PruningPolicy(fraction=0.2, warmup_rounds=1)],
+        ground_truth=corruption.task_ids,
     )
     loader = DataLoader(
         train,

@@ -23,10 +23,9 @@ from lightning_metaif.quiet import quiet_lightning
 def train(splits, train_pool, corrupted, *, prune, epochs, output_dir, seed=0):
     pl.seed_everything(seed)
     influence = MetaInfluence(
-        mode="trajectory",
-        projection_dim=256,
-        pruning=PruningPolicy(fraction=0.2, warmup_rounds=max(1, epochs // 8)) if prune else None,
-        corrupted_task_ids=corrupted,  # ground truth, only for the detection metrics
+        "trajectory",
+        actions=[PruningPolicy(fraction=0.2, warmup_rounds=max(1, epochs // 8))] if prune else None,
+        ground_truth=corrupted,  # only for the detection metrics
         verbose=False,
     )
     # task_state: the datamodule's sampler skips the tasks the callback prunes, from the next epoch on

@@ -63,7 +63,7 @@ def main(argv=None):
         raise SystemExit(2) from error
 
     pl.seed_everything(0)
-    influence = MetaInfluence(mode="trajectory", projection_dim=512, max_tasks_per_round=None)
+    influence = MetaInfluence("trajectory")
     dm = MetaDataModule(
         splits.train, splits.val, splits.test, batch_size=5 if fast else 16, task_state=influence.task_state
     )

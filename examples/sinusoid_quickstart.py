@@ -27,7 +27,7 @@ def main(argv=None):
     train, val, test = sinusoid_splits(
         num_train_tasks=40 if fast else 200, num_val_tasks=10, num_test_tasks=10
     )
-    influence = MetaInfluence(mode="trajectory")  # <- the one line: score every training task while it trains
+    influence = MetaInfluence("trajectory")  # <- the one line: score every training task while it trains
     trainer = pl.Trainer(
         log_every_n_steps=2,  # a few batches per epoch here: log every other step
         max_epochs=2 if fast else 30,

@@ -37,7 +37,15 @@ import lightning.pytorch as pl
 import torch
 import wandb
 
-from lightning_metaif import MAML, MetaDataModule, MetaInfluence, PruningPolicy, corrupt_tasks, digits_splits
+from lightning_metaif import (
+    MAML,
+    MetaDataModule,
+    MetaInfluence,
+    PruningPolicy,
+    SampleInfluence,
+    corrupt_tasks,
+    digits_splits,
+)
 from lightning_metaif.cli import FlatMLP
 from lightning_metaif.quiet import quiet_lightning, wandb_logger
 
@@ -57,10 +65,10 @@ def main(argv=None):
     splits = digits_splits(num_train_tasks=40 if fast else 100, num_val_tasks=10, num_test_tasks=40)
     train_pool, corruption = corrupt_tasks(splits.train, 0.2, mode="random_labels")
     influence = MetaInfluence(
-        mode="trajectory",
-        pruning=PruningPolicy(fraction=0.2, warmup_rounds=1 if fast else 4),
-        corrupted_task_ids=corruption.task_ids,  # ground truth: turns on the detection panel
-        sample_top_k=8,  # instance influence of the 8 most harmful tasks: the harmful-samples table with images
+        "trajectory",
+        actions=[PruningPolicy(fraction=0.2, warmup_rounds=1 if fast else 4)],
+        ground_truth=corruption.task_ids,  # ground truth: turns on the detection panel
+        samples=SampleInfluence(top_k=8),  # instance influence of the 8 most harmful tasks: samples with images
     )
     dm = MetaDataModule(train_pool, splits.val, splits.test, batch_size=10, task_state=influence.task_state)
     logger = wandb_logger(  # Lightning's WandbLogger, minus a deprecated setting wandb warns about

@@ -52,11 +52,18 @@ _EXPORTS: dict[str, str] = {
     "corrupt_tasks": "lightning_metaif.meta.noise",
     # the Lightning side
     "MetaInfluence": "lightning_metaif.callback",
+    "GradientStoreConfig": "lightning_metaif.config",
+    "Trajectory": "lightning_metaif.estimators",
+    "Checkpoints": "lightning_metaif.estimators",
+    "TaskIF": "lightning_metaif.estimators",
+    "Ensemble": "lightning_metaif.estimators",
+    "SampleInfluence": "lightning_metaif.estimators",
+    "Decision": "lightning_metaif.records",
     "TaskSampler": "lightning_metaif.actions.sampler",
     "TaskState": "lightning_metaif.actions.state",
     "TaskWeighting": "lightning_metaif.actions.weighting",
     "PruningPolicy": "lightning_metaif.actions.pruning",
-    "ScoreRound": "lightning_metaif.dashboards.round",
+    "ScoreRound": "lightning_metaif.records",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

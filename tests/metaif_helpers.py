@@ -113,3 +113,113 @@ class HigherUserModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=5e-3)
+
+
+class UserMAML(pl.LightningModule):
+    """A user's own one-step MAML with *automatic* optimisation (no gradient reporting): the callback recomputes
+    per-task gradients. Reads the callback's task weights through ``task_weight_table`` like ``MAML`` does."""
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.05, inner_lr: float = 0.5) -> None:
+        super().__init__()
+        self.net = tiny_backbone()
+        self.optimizer_name, self.lr, self.inner_lr = optimizer, lr, inner_lr
+        self.task_weight_table: dict = {}
+
+    def meta_parameters(self):
+        return dict(self.net.named_parameters())
+
+    def task_loss(self, params, task, support_weights=None, query_weights=None):
+        support = torch.func.functional_call(self.net, params, (task.support_x,))
+        inner = nn.functional.cross_entropy(support, task.support_y)
+        grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
+        adapted = {n: p - self.inner_lr * g for (n, p), g in zip(params.items(), grads)}
+        query = torch.func.functional_call(self.net, adapted, (task.query_x,))
+        return nn.functional.cross_entropy(query, task.query_y)
+
+    def training_step(self, batch, batch_idx):
+        params = self.meta_parameters()
+        weights = torch.tensor([float(self.task_weight_table.get(int(t), 1.0)) for t in batch.task_ids])
+        losses = torch.stack([self.task_loss(params, task) for task in batch])
+        return (weights * losses).sum() / len(losses)
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class RecordSteps(pl.Callback):
+    """Records, for every optimizer step, the parameters before it and the task ids and weights it trained on
+    (all micro-batches of an accumulated step), plus the parameters at the end of training."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, dict] = {}
+        self.final: dict | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = trainer.global_step
+        params = {n: p.detach().clone() for n, p in MetaInfluence._raw_params(pl_module).items()}
+        table = pl_module.task_weight_table
+        weights = [float(table.get(int(t), 1.0)) for t in batch.task_ids]
+        entry = self.steps.setdefault(step, {"params": params, "ids": [], "weights": []})
+        entry["ids"].extend(batch.task_ids.tolist())
+        entry["weights"].extend(weights)
+
+    def on_train_end(self, trainer, pl_module):
+        self.final = {n: p.detach().clone() for n, p in MetaInfluence._raw_params(pl_module).items()}
+
+
+def _flat_grad(module, params, tasks) -> torch.Tensor:
+    """Mean task loss gradient at ``params``, by plain autograd, one task at a time (no engine code)."""
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+    rows = []
+    for task in tasks:
+        grads = torch.autograd.grad(module.task_loss(leaves, task), list(leaves.values()))
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows)
+
+
+def independent_tracin(
+    module,
+    record: RecordSteps,
+    pool,
+    reference,
+    round_steps,
+    *,
+    optimizer,
+    lr,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    world_size=1,
+):
+    """TracIn along the recorded path, written from the formulas (no engine or callback code):
+    score_k = Σ_t (w_k / B_t) ⟨∇f(λ_r(t)), D_t g_k(λ_t)⟩ with ``D_t = lr`` (SGD) or Adam's
+    ``lr / (√v̂_t + ε)`` recomputed from the weighted batch gradients; ∇f refreshed after each round step.
+    Returns ({task_id: score}, {task_id: self-influence g_kᵀ D_t g_k w_k summed})."""
+    steps = sorted(record.steps)
+    ref_tasks = list(reference)
+    ids_in_order = pool.task_ids.tolist()
+    reference_grad = _flat_grad(module, record.steps[steps[0]]["params"], ref_tasks).mean(0).double()
+    scores, selfs = {}, {}
+    v = None
+    for t, s in enumerate(steps, start=1):
+        entry = record.steps[s]
+        tasks = [pool[ids_in_order.index(i)] for i in entry["ids"]]
+        grads = _flat_grad(module, entry["params"], tasks).double()
+        weights = torch.tensor(entry["weights"], dtype=torch.float64)
+        b = len(entry["ids"]) * world_size
+        if optimizer == "adam":
+            mean = (weights[:, None] * grads).sum(0) / b
+            v = (1 - betas[1]) * mean**2 if v is None else betas[1] * v + (1 - betas[1]) * mean**2
+            d = lr / ((v / (1 - betas[1] ** t)).sqrt() + eps)
+        else:
+            d = torch.full((grads.shape[1],), float(lr), dtype=torch.float64)
+        for k, task_id in enumerate(entry["ids"]):
+            scores[task_id] = scores.get(task_id, 0.0) + float(
+                weights[k] / b * (grads[k] * d) @ reference_grad
+            )
+            selfs[task_id] = selfs.get(task_id, 0.0) + float(weights[k] * (grads[k] * d) @ grads[k])
+        if s + 1 in round_steps:  # the callback refreshes ∇f at each round, at the parameters after the step
+            after = record.steps[s + 1]["params"] if s + 1 in record.steps else record.final
+            reference_grad = _flat_grad(module, after, ref_tasks).mean(0).double()
+    return scores, selfs

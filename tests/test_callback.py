@@ -22,20 +22,31 @@ from wandb_reader import read_run
 
 from lightning_metaif.actions import PruningPolicy, TaskWeighting
 from lightning_metaif.callback import MetaInfluence
+from lightning_metaif.config import GradientStoreConfig
+from lightning_metaif.estimators import Checkpoints, Ensemble, SampleInfluence, TaskIF
+from lightning_metaif.influence.solvers import CG
 from lightning_metaif.influence.store import GradientStore
 
 
 def test_constructor_validates_arguments():
-    with pytest.raises(ValueError, match="mode must be one of"):
-        MetaInfluence(mode="magic")
-    with pytest.raises(ValueError, match="exactly one of every_n_epochs"):
-        MetaInfluence(every_n_epochs=None)
-    with pytest.raises(ValueError, match="solver must be one of"):
-        MetaInfluence(solver="newton")
-    with pytest.raises(ValueError, match="PruningPolicy"):
-        MetaInfluence(pruning=0.2)
+    with pytest.raises(ValueError, match="estimator='magic' is not an estimator"):
+        MetaInfluence("magic")
+    with pytest.raises(ValueError, match="at most one of every_n_epochs"):
+        MetaInfluence(every_n_epochs=1, every_n_train_steps=5)
+    with pytest.raises(ValueError, match=r"TaskIF\(solver=...\)='newton' is not a solver"):
+        TaskIF(solver="newton")
+    with pytest.raises(ValueError, match=r"TaskIF\(damping=nan\)"):
+        TaskIF(damping=float("nan"))
+    with pytest.raises(ValueError, match=r"actions\[0\] is a float"):
+        MetaInfluence(actions=[0.2])
     with pytest.raises(ValueError, match="not both"):
         MetaInfluence(reference=[1], utility=lambda p: p)
+    with pytest.raises(ValueError, match="holds no tasks"):
+        MetaInfluence(reference=[])
+    with pytest.raises(TypeError, match="pruning"):
+        MetaInfluence(pruning=PruningPolicy())  # the old keyword: actions=[PruningPolicy(...)] now
+    # Lightning's trigger defaults: every_n_train_steps alone is enough (every_n_epochs defaults to None)
+    assert MetaInfluence(every_n_train_steps=50).every_n_train_steps == 50
 
 
 def test_setup_rejects_a_module_without_task_loss(tmp_path):
@@ -77,24 +88,26 @@ def test_missing_reference_and_missing_task_ids_say_how_to_fix(tmp_path):
 
 def test_higher_module_with_automatic_optimization_falls_back_to_the_loop(tmp_path):
     seed_all(0)
-    influence = MetaInfluence(mode="trajectory", projection_dim=32, verbose=False)
+    influence = MetaInfluence("trajectory", verbose=False)
     dm, _ = digits_setup(corrupt=0, task_state=influence.task_state)
     with pytest.warns(UserWarning, match="per-task loop"):
         trainer(tmp_path, [influence], max_epochs=1, limit_train_batches=3).fit(
             HigherUserModule(), datamodule=dm
         )
-    assert influence._vectorize == "loop"
-    scored = influence.result.scores != 0
-    assert int(scored.sum()) == 24 and torch.isfinite(influence.result.scores).all()
+    assert influence._engine_vectorize == "loop"
+    assert int(influence.result.scored.sum()) == 24  # 3 batches of 8 tasks
+    assert torch.isfinite(influence.result.scores[influence.result.scored]).all()
 
 
 def test_csv_logger_and_files_and_pruned_ids_never_sampled_again(tmp_path):
     seed_all(0)
     influence = MetaInfluence(
-        mode="trajectory",
-        projection_dim=64,
-        pruning=PruningPolicy(fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.2, only_harmful=False),
-        weighting=TaskWeighting(),
+        "trajectory",
+        store=GradientStoreConfig(projection_dim=64),
+        actions=[
+            TaskWeighting(),
+            PruningPolicy(fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.2, only_harmful=False),
+        ],
         verbose=False,
     )
     dm, corruption = digits_setup(task_state=influence.task_state)
@@ -135,9 +148,15 @@ def test_csv_logger_and_files_and_pruned_ids_never_sampled_again(tmp_path):
 
 def test_wandb_dashboard_is_logged_and_readable(tmp_path):
     seed_all(0)
-    influence = MetaInfluence(mode="checkpoints", projection_dim=64, verbose=False, sample_top_k=2)
-    dm, corruption = digits_setup(task_state=influence.task_state)
-    influence.corrupted_task_ids = set(corruption.task_ids.tolist())
+    dm, corruption = digits_setup()
+    influence = MetaInfluence(
+        "checkpoints",
+        store=GradientStoreConfig(projection_dim=64),
+        samples=SampleInfluence(top_k=2),
+        ground_truth=corruption.task_ids,
+        verbose=False,
+    )
+    dm.task_state = influence.task_state
     logger = WandbLogger(project="metaif-test", save_dir=str(tmp_path), mode="offline")
     try:
         trainer(tmp_path, [influence], max_epochs=2, logger=logger).fit(tiny_maml(), datamodule=dm)
@@ -161,36 +180,37 @@ def test_wandb_dashboard_is_logged_and_readable(tmp_path):
     )  # every sample of the 2 most harmful tasks
 
 
-@pytest.mark.parametrize("mode", ["checkpoints", "task_if", "ensemble"])
-def test_periodic_modes_score_the_pool(tmp_path, mode):
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        Checkpoints(max_tasks=24),
+        TaskIF(damping=1.0, l2=0.01, solver=CG(max_iterations=20), max_tasks=24),
+        Ensemble(copies=1, max_tasks=24),
+    ],
+)
+def test_periodic_estimators_score_the_pool(tmp_path, estimator):
     seed_all(0)
-    influence = MetaInfluence(
-        mode=mode,
-        projection_dim=32,
-        ensemble_copies=1,
-        damping=1.0,
-        l2=0.01,
-        solver_options={"max_iterations": 20},
-        verbose=False,
-        max_tasks_per_round=24,
-    )
+    influence = MetaInfluence(estimator, store=GradientStoreConfig(projection_dim=32), verbose=False)
     dm, _ = digits_setup(corrupt=0)
     trainer(tmp_path, [influence], max_epochs=2).fit(tiny_maml(), datamodule=dm)
     assert influence.rounds == 2
-    if mode == "task_if":  # solver diagnostics reach the loggers
+    if estimator.name == "task_if":  # solver diagnostics reach the loggers; one round's sample only
         assert {"influence/solver_iterations", "influence/solver_residual"} <= set(influence.history[-1])
-    scored = influence.result.scores != 0
-    assert int(scored.sum()) >= 24 and torch.isfinite(influence.result.scores).all()
+        assert int(influence.result.scored.sum()) == 24
+    else:  # sums / means over rounds: tasks scored in any round
+        assert int(influence.result.scored.sum()) >= 24
+    assert torch.isfinite(influence.result.scores[influence.result.scored]).all()
+    assert torch.isnan(influence.result.scores[~influence.result.scored]).all()
 
 
 def test_failed_solve_warns_and_prunes_nothing(tmp_path):
     seed_all(0)
     policy = PruningPolicy(fraction=0.2, warmup_rounds=0, only_harmful=False)
     influence = MetaInfluence(
-        mode="task_if", damping=0.0, solver_options={"max_iterations": 30}, pruning=policy, verbose=False
+        TaskIF(damping=0.0, curvature="exact", solver=CG(max_iterations=30)), actions=[policy], verbose=False
     )
     dm, _ = digits_setup(corrupt=0, task_state=influence.task_state)
-    with pytest.warns(UserWarning, match="raise the damping"):
+    with pytest.warns(UserWarning, match=r"raise `damping` or `l2` of TaskIF"):
         trainer(tmp_path, [influence], max_epochs=1).fit(tiny_maml(), datamodule=dm)
     assert torch.isnan(influence.result.scores).all()
     assert not influence.task_state.pruned
@@ -200,9 +220,8 @@ def test_failed_solve_warns_and_prunes_nothing(tmp_path):
 def test_resume_keeps_pruned_set_and_store(tmp_path):
     seed_all(0)
     policy = PruningPolicy(fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.2, only_harmful=False)
-    first = MetaInfluence(
-        mode="trajectory", projection_dim=32, pruning=policy, verbose=False, store_trajectory=True
-    )
+    config = GradientStoreConfig(projection_dim=32, trajectory=True)
+    first = MetaInfluence("trajectory", store=config, actions=[policy], verbose=False)
     dm, _ = digits_setup(task_state=first.task_state)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer(tmp_path, [first, checkpoint], max_epochs=2, enable_checkpointing=True).fit(
@@ -213,9 +232,7 @@ def test_resume_keeps_pruned_set_and_store(tmp_path):
     segments_before = len(GradientStore.open(store).checkpoints())
     assert segments_before == 2  # one trajectory segment per round
 
-    second = MetaInfluence(
-        mode="trajectory", projection_dim=32, pruning=policy, verbose=False, store_trajectory=True
-    )
+    second = MetaInfluence("trajectory", store=config, actions=[policy], verbose=False)
     dm2, _ = digits_setup(task_state=second.task_state)
     recorder = RecordSampledIds()
     trainer(tmp_path, [second, recorder], max_epochs=3).fit(  # a new logger version, same callback folder
@@ -231,9 +248,9 @@ def test_resume_keeps_pruned_set_and_store(tmp_path):
 
 def test_detects_corrupted_tasks(tmp_path):
     seed_all(0)
-    influence = MetaInfluence(mode="trajectory", projection_dim=256, verbose=False)
-    dm, corruption = digits_setup(num_train=60, task_state=influence.task_state, batch_size=10)
-    influence.corrupted_task_ids = set(corruption.task_ids.tolist())
+    dm, corruption = digits_setup(num_train=60, batch_size=10)
+    influence = MetaInfluence("trajectory", ground_truth=corruption.task_ids, verbose=False)
+    dm.task_state = influence.task_state
     trainer(tmp_path, [influence], max_epochs=4).fit(tiny_maml(outer_lr=1e-2), datamodule=dm)
     auroc = influence.history[-1]["influence/auroc"]
     print(f"detection AUROC after 4 epochs: {auroc:.3f}")
@@ -243,7 +260,9 @@ def test_detects_corrupted_tasks(tmp_path):
 def test_ddp_spawn_two_ranks_agree(tmp_path):
     seed_all(0)
     policy = PruningPolicy(fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.2, only_harmful=False)
-    influence = MetaInfluence(mode="checkpoints", projection_dim=32, pruning=policy, verbose=False)
+    influence = MetaInfluence(
+        "checkpoints", store=GradientStoreConfig(projection_dim=32), actions=[policy], verbose=False
+    )
     dm, _ = digits_setup(task_state=influence.task_state, batch_size=4)
     out = tmp_path / "ranks"
     out.mkdir()
@@ -273,8 +292,8 @@ def test_ddp_spawn_two_ranks_agree(tmp_path):
 
 def test_runs_sharing_a_log_dir_do_not_mix_their_files(tmp_path):
     seed_all(0)
-    for run in range(2):
-        influence = MetaInfluence(mode="trajectory", projection_dim=16 * (run + 1), verbose=False)
+    for _ in range(2):
+        influence = MetaInfluence("trajectory", verbose=False)
         dm, _ = digits_setup(corrupt=0, task_state=influence.task_state)
         trainer(tmp_path, [influence], max_epochs=1, logger=False).fit(tiny_maml(), datamodule=dm)
     assert sorted(p.name for p in tmp_path.glob("metaif*")) == ["metaif", "metaif_1"]

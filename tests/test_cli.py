@@ -194,7 +194,7 @@ def test_fit_with_the_example_config_runs_and_prunes(tmp_path):
     # its task state into the train loader's TaskSampler so pruned tasks are not drawn in the next epoch
     config = yaml.safe_load(CONFIG.read_text())
     callback = config["trainer"]["callbacks"][0]["init_args"]
-    callback["pruning"] = {
+    callback["actions"][0]["init_args"] = {
         "fraction": 0.2,
         "warmup_rounds": 0,
         "max_fraction_per_round": 0.2,
@@ -222,7 +222,7 @@ def test_fit_with_the_example_config_runs_and_prunes(tmp_path):
     assert set(recorder.by_epoch[0]) == set(range(40))
     assert not set(recorder.by_epoch[1]) & pruned
     # ground truth handed over from DigitsDataModule.corrupted_task_ids
-    assert influence.corrupted_task_ids == set(cli.datamodule.corrupted_task_ids)
+    assert influence.ground_truth == set(cli.datamodule.corrupted_task_ids)
     assert "influence/auroc" in influence.history[-1]
 
 

@@ -128,6 +128,7 @@ def test_to_rows_ranks_most_harmful_first_and_leaves_nonfinite_unranked():
         "pruned",
         "classes",
         "corrupted",
+        "scored",
     }
 
 
@@ -482,7 +483,7 @@ def test_table_json_files_are_valid_json(wandb_logger, tmp_path):
 def test_report_flags_tasks_that_moved_into_the_most_harmful_after_pruning(tmp_path):
     from lightning_metaif.dashboards.files import RunFiles
     from lightning_metaif.dashboards.report import rank_changes_after_pruning
-    from lightning_metaif.dashboards.round import Decision, ScoreRound
+    from lightning_metaif.records import Decision, ScoreRound
 
     ids = torch.arange(6)
     pruned = torch.tensor([True, True, False, False, False, False])

@@ -285,7 +285,7 @@ def test_store_rollback_drops_later_records_and_reuses_their_names(tmp_path: Pat
 
 def test_round_files_rollback_drops_later_rounds_and_torn_lines(tmp_path: Path) -> None:
     from lightning_metaif.dashboards.files import RoundFileWriter, load_run
-    from lightning_metaif.dashboards.round import Decision, ScoreRound
+    from lightning_metaif.records import Decision, ScoreRound
 
     def round_at(step: int) -> ScoreRound:
         r = ScoreRound(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_metaif.dashboards.round import Decision
+from lightning_metaif.records import Decision, ScoreRound
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,33 @@ class PruningPolicy:
             raise ValueError("warmup_rounds must be >= 0 and min_pool_size >= 1.")
         if self.threshold is not None and not math.isfinite(self.threshold):
             raise ValueError(f"PruningPolicy.threshold must be finite, got {self.threshold}.")
+
+    def decide_round(
+        self, round: ScoreRound, state: Any, *, round_index: int, pool_size: int, **_: Any
+    ) -> Decision:
+        """The callback's entry point: decide on the round's scored, kept tasks (never-scored tasks take no part).
+
+        Example:
+            >>> import torch
+            >>> from lightning_metaif.actions.state import TaskState
+            >>> r = ScoreRound(step=3, epoch=0, estimator="task_if", task_ids=torch.arange(4),
+            ...                scores=torch.tensor([-1.0, 2.0, -3.0, 0.0]), scored=torch.tensor([1, 1, 0, 1]))
+            >>> PruningPolicy(fraction=0.25, warmup_rounds=0, max_fraction_per_round=0.5).decide_round(
+            ...     r, TaskState(), round_index=1, pool_size=4).task_ids   # task 2 was not scored
+            [0]
+        """
+        take = round.scored & ~torch.tensor(
+            [state.is_pruned(t) for t in round.task_ids.tolist()], dtype=torch.bool
+        )
+        return self.decide(
+            round.task_ids[take],
+            round.scores[take],
+            set(state.pruned),
+            round_index=round_index,
+            pool_size=pool_size,
+            step=round.step,
+            epoch=round.epoch,
+        )
 
     def decide(
         self,

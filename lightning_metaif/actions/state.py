@@ -40,6 +40,11 @@ class TaskState:
         self.pruned.update(int(t) for t in task_ids)
         self.version += 1
 
+    def restore(self, task_ids: Iterable[int]) -> None:
+        """Bring pruned tasks back (they are sampled again from the next epoch, with their previous weight)."""
+        self.pruned.difference_update(int(t) for t in task_ids)
+        self.version += 1
+
     def is_pruned(self, task_id: int) -> bool:
         return int(task_id) in self.pruned
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_metaif.records import Decision, ScoreRound
 
 
 @dataclass(frozen=True)
@@ -58,3 +61,29 @@ class TaskWeighting:
         if self.normalize:
             weights[finite] = weights[finite] / weights[finite].mean()
         return weights
+
+    def decide_round(self, round: ScoreRound, state: Any, **_: Any) -> Decision:
+        """The callback's entry point: new weights for the round's scored, kept tasks (normalised over them).
+
+        Example:
+            >>> from lightning_metaif.actions.state import TaskState
+            >>> state = TaskState(); state.prune([2])
+            >>> r = ScoreRound(step=3, epoch=0, estimator="trajectory", task_ids=torch.arange(3),
+            ...                scores=torch.tensor([1.0, -1.0, -5.0]))
+            >>> d = TaskWeighting(normalize=False).decide_round(r, state)
+            >>> d.task_ids, [round(w, 3) for w in d.weights]   # the pruned task 2 takes no part
+            ([0, 1], [1.0, 0.368])
+        """
+        take = round.scored & ~torch.tensor(
+            [state.is_pruned(t) for t in round.task_ids.tolist()], dtype=torch.bool
+        )
+        ids = round.task_ids[take]
+        weights = self(round.scores[take].float(), state.weights_for(ids))
+        return Decision(
+            round.step,
+            round.epoch,
+            "weight",
+            ids.tolist(),
+            f"TaskWeighting(strength={self.strength}, min_weight={self.min_weight}, normalize={self.normalize})",
+            weights=weights.tolist(),
+        )

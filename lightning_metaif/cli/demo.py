@@ -172,6 +172,8 @@ def _train_once(cfg: DemoConfig, label: str, prune: bool, data: dict[str, Any]) 
 
     from lightning_metaif.actions.pruning import PruningPolicy
     from lightning_metaif.callback import MetaInfluence
+    from lightning_metaif.config import GradientStoreConfig
+    from lightning_metaif.estimators import Ensemble, SampleInfluence, TaskIF, as_estimator
     from lightning_metaif.meta.maml import MAML
 
     pl.seed_everything(cfg.seed, verbose=False)
@@ -185,17 +187,16 @@ def _train_once(cfg: DemoConfig, label: str, prune: bool, data: dict[str, Any]) 
             max_fraction_per_round=0.1,
             only_harmful=True,
         )
+    estimator = {
+        "task_if": TaskIF(damping=1.0, l2=1e-3),  # MAML's meta-Hessian is indefinite: H + δI must be PD
+        "ensemble": Ensemble(copies=2),
+    }.get(cfg.mode) or as_estimator(cfg.mode)
     influence = MetaInfluence(
-        mode=cfg.mode,
-        pruning=pruning,
-        projection_dim=cfg.projection_dim,
-        corrupted_task_ids=data["corrupted"] or None,
-        store_dir=run_dir / "metaif",
-        sample_top_k=cfg.sample_top_k,
-        damping=1.0,  # task_if only: MAML's meta-Hessian is indefinite; CG needs H + δI positive definite
-        l2=1e-3,
-        ensemble_copies=2,
-        max_tasks_per_round=None,
+        estimator,
+        actions=[pruning] if pruning is not None else None,
+        store=GradientStoreConfig(projection_dim=cfg.projection_dim, dirpath=run_dir / "metaif"),
+        ground_truth=data["corrupted"] or None,
+        samples=SampleInfluence(top_k=cfg.sample_top_k) if cfg.sample_top_k > 0 else None,
         seed=cfg.seed,
         verbose=False,
     )

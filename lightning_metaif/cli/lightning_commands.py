@@ -68,8 +68,8 @@ def _hand_over_ground_truth(trainer: Any, datamodule: Any) -> None:
     if truth is None:
         return
     for callback in trainer.callbacks:
-        if isinstance(callback, MetaInfluence) and callback.corrupted_task_ids is None:
-            callback.corrupted_task_ids = {int(t) for t in truth}
+        if isinstance(callback, MetaInfluence) and callback.ground_truth is None:
+            callback.ground_truth = {int(t) for t in truth}
 
 
 __all__ = ["lightning_cli", "run_lightning_cli"]

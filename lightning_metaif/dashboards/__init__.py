@@ -5,8 +5,8 @@
 
 from lightning_metaif.dashboards.files import RoundFileWriter, RunFiles, load_run, scores_csv_text
 from lightning_metaif.dashboards.metrics import round_metrics, top_k_count
-from lightning_metaif.dashboards.round import Decision, SampleScore, ScoreRound, harmful_order
 from lightning_metaif.dashboards.wandb_dashboard import WandbDashboard, image_to_array, require_wandb
+from lightning_metaif.records import Decision, SampleScore, ScoreRound, harmful_order
 
 __all__ = [
     "Decision",

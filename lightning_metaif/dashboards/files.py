@@ -31,7 +31,7 @@ import torch
 
 from lightning_metaif._io import atomic_write
 from lightning_metaif.dashboards.metrics import round_metrics
-from lightning_metaif.dashboards.round import Decision, SampleScore, ScoreRound
+from lightning_metaif.records import Decision, SampleScore, ScoreRound
 
 __all__ = ["RoundFileWriter", "RunFiles", "load_run", "scores_csv_text", "SCORE_COLUMNS"]
 

@@ -9,7 +9,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.functional.retrieval import retrieval_precision, retrieval_recall
 
-from lightning_metaif.dashboards.round import ScoreRound
+from lightning_metaif.records import ScoreRound
 
 __all__ = ["QUANTILES", "round_metrics", "top_k_count", "k_label"]
 
@@ -46,17 +46,22 @@ def round_metrics(
 ) -> dict[str, float]:
     """Scalar statistics of one round, keys namespaced ``{prefix}/...``.
 
-    Always: ``step``, ``epoch``, ``num_tasks``, ``score_{min,q10,q25,median,q75,q90,max}`` (over *finite* scores;
-    NaN if none), ``fraction_harmful`` (share of finite scores < 0), ``num_nonfinite``, ``num_pruned`` (total
+    Only tasks with a score (``round.scored``) count: a task never scored is in no statistic.
+
+    Always: ``step``, ``epoch``, ``num_tasks``, ``num_scored``, ``score_{min,q10,q25,median,q75,q90,max}`` (over
+    *finite* scores; NaN if none), ``fraction_harmful`` (share of finite scores < 0), ``num_nonfinite`` (scored
+    tasks whose score is NaN or infinite), ``num_pruned`` (total
     pruned mask), ``num_pruned_new`` (ids named by this round's ``"prune"`` decisions that are pruned now),
     ``weight_{min,mean,max}``, ``seconds``; ``self_influence_median`` when self-influence is given.
 
     When ``round.corrupted`` is given (ground truth of corrupted tasks), detection quality of the harmfulness
-    ranking (harmfulness = -score; non-finite scores count as the least harmful, i.e. never detected):
+    ranking over the scored tasks (harmfulness = -score; non-finite scores count as the least harmful, i.e. never
+    detected):
     ``auroc`` (torchmetrics ``binary_auroc``; NaN if only one class is present) and, for each k in ``ks``,
     ``recall@k%`` = share of *all* corrupted tasks that are among the ``ceil(k*M)`` lowest-scoring tasks
     (torchmetrics ``retrieval_recall`` with ``top_k``) and ``precision@k%`` = share of those lowest-scoring
-    tasks that are corrupted (``retrieval_precision``). Both NaN when no task is corrupted.
+    tasks that are corrupted (``retrieval_precision``). Both NaN when no task is corrupted. Once tasks are
+    pruned, ``pruning_precision`` = share of the pruned tasks that are corrupted.
 
     Example:
         >>> r = ScoreRound(step=5, epoch=0, estimator="tracin", task_ids=torch.arange(4),
@@ -66,13 +71,16 @@ def round_metrics(
         (1.0, 1.0, 0.5)
     """
     p = f"{prefix}/"
-    scores = round.scores.to(torch.float64)
+    scored = round.scored
+    scores = round.scores.to(torch.float64)[scored]
     finite = torch.isfinite(scores)
     good = scores[finite]
+    num_scored = int(scored.sum())
     out: dict[str, float] = {
         p + "step": float(round.step),
         p + "epoch": float(round.epoch),
         p + "num_tasks": float(round.num_tasks),
+        p + "num_scored": float(num_scored),
     }
     if good.numel():
         qs = torch.quantile(good, torch.tensor([q for _, q in QUANTILES], dtype=torch.float64))
@@ -99,19 +107,22 @@ def round_metrics(
         out[p + "weight_min"] = out[p + "weight_mean"] = out[p + "weight_max"] = math.nan
     out[p + "seconds"] = float(round.seconds)
     if round.self_influence is not None:
-        si = round.self_influence[torch.isfinite(round.self_influence)]
+        si = round.self_influence[scored]
+        si = si[torch.isfinite(si)]
         out[p + "self_influence_median"] = float(si.median()) if si.numel() else math.nan
 
-    if round.corrupted is not None and round.num_tasks:
-        target = round.corrupted.long()
+    if round.corrupted is not None and bool(round.pruned.any()):
+        out[p + "pruning_precision"] = float(round.corrupted[round.pruned].double().mean())
+    if round.corrupted is not None and num_scored:
+        target = round.corrupted[scored].long()
         harm = -scores
         floor = float(harm[finite].min()) - 1.0 if bool(finite.any()) else 0.0
         harm = torch.where(finite, harm, torch.full_like(harm, floor))  # unranked = least suspicious
         positives = int(target.sum())
-        both = 0 < positives < round.num_tasks
+        both = 0 < positives < num_scored
         out[p + "auroc"] = float(binary_auroc(harm, target)) if both else math.nan
         for k in ks:
-            top_k = top_k_count(k, round.num_tasks)
+            top_k = top_k_count(k, num_scored)
             label = k_label(k)
             if positives:
                 out[p + f"recall@{label}"] = float(retrieval_recall(harm, target, top_k=top_k))

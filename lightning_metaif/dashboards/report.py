@@ -33,8 +33,8 @@ import torch
 
 from lightning_metaif._io import atomic_write
 from lightning_metaif.dashboards.files import RunFiles, load_run
-from lightning_metaif.dashboards.round import SampleScore, ScoreRound
 from lightning_metaif.dashboards.text import format_classes, format_score
+from lightning_metaif.records import SampleScore, ScoreRound
 
 __all__ = ["build_report", "find_metaif_dirs", "render_report"]
 
@@ -243,7 +243,7 @@ def detection_curve(scores: torch.Tensor, corrupted: torch.Tensor) -> tuple[list
         >>> detection_curve(torch.tensor([-1.0, 2.0, -3.0, 0.5]), torch.tensor([True, False, False, False]))
         ([0.0, 0.25, 0.5, 0.75, 1.0], [0.0, 0.0, 1.0, 1.0, 1.0])
     """
-    from lightning_metaif.dashboards.round import harmful_order
+    from lightning_metaif.records import harmful_order
 
     order = harmful_order(scores)
     hits = corrupted.to(torch.float64)[order]

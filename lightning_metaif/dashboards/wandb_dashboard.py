@@ -37,7 +37,7 @@ from torch import Tensor
 
 from lightning_metaif.dashboards.files import scores_csv_text
 from lightning_metaif.dashboards.metrics import QUANTILES, round_metrics
-from lightning_metaif.dashboards.round import ScoreRound
+from lightning_metaif.records import ScoreRound
 
 __all__ = ["WandbDashboard", "require_wandb", "image_to_array", "WANDB_EXTRA_HINT"]
 
@@ -53,6 +53,16 @@ def require_wandb() -> Any:
         raise ImportError(
             f"WandbDashboard needs the `wandb` package, which is not installed: run `{WANDB_EXTRA_HINT}`"
         ) from err
+
+
+def _bar_label(round: ScoreRound, position: int) -> str:
+    """``"task 22"``, marked ``[pruned]`` and ``[corrupted]`` (when ground truth is known) so bar charts show them."""
+    label = f"task {int(round.task_ids[position])}"
+    if bool(round.pruned[position]):
+        label += " [pruned]"
+    if round.corrupted is not None and bool(round.corrupted[position]):
+        label += " [corrupted]"
+    return label
 
 
 def image_to_array(image: Tensor, *, min_side: int = 32) -> Any:
@@ -135,8 +145,11 @@ class WandbDashboard:
         artifact: str = "capped",
         max_samples: int = 32,
         step_key: str = "trainer/global_step",
+        every_n_rounds: int = 1,
     ) -> None:
         self.wandb = require_wandb()
+        if not isinstance(every_n_rounds, int) or every_n_rounds < 1:
+            raise ValueError(f"every_n_rounds must be a positive integer, got {every_n_rounds!r}")
         if artifact not in ("capped", "always", "never"):
             raise ValueError(f"artifact must be 'capped', 'always' or 'never', got {artifact!r}")
         if 2 * summary_rows > max_table_rows:
@@ -154,6 +167,8 @@ class WandbDashboard:
         self.artifact = artifact
         self.max_samples = max_samples
         self.step_key = step_key
+        self.every_n_rounds = every_n_rounds
+        self.rounds_seen = 0
         self.history: list[dict[str, float]] = []
         self._defined = False
 
@@ -171,8 +186,14 @@ class WandbDashboard:
         history: Sequence[Mapping[str, float]] | None = None,
         *,
         metrics: Mapping[str, float] | None = None,
+        scalars: bool = True,
+        final: bool = False,
     ) -> dict[str, Any]:
         """Log one round; return the dict passed to ``run.log`` (charts as W&B objects).
+
+        ``scalars=False`` leaves the round's scalars out (the Lightning logger already logged them once).
+        Tables and charts (each one a W&B artifact) are logged every ``every_n_rounds`` rounds, the first and
+        ``final`` rounds always.
 
         ``history`` is the list of earlier rounds' :func:`round_metrics` dicts (they carry ``{prefix}/step``);
         when ``None`` the dashboard uses the rounds it logged itself. The current round is appended to it.
@@ -190,12 +211,16 @@ class WandbDashboard:
         if history is None:
             self.history = series
 
-        data: dict[str, Any] = {k: v for k, v in current.items()}
-        data.update(self._task_table(round))
-        data.update(self._bars(round))
-        data.update(self._histogram(round))
-        data.update(self._lines(series))
-        data.update(self._samples(round))
+        data: dict[str, Any] = {k: v for k, v in current.items()} if scalars else {}
+        self.rounds_seen += 1
+        if final or (self.rounds_seen - 1) % self.every_n_rounds == 0:
+            data.update(self._task_table(round))
+            data.update(self._bars(round))
+            data.update(self._histogram(round))
+            data.update(self._lines(series))
+            data.update(self._samples(round))
+        if not data:
+            return data
         data[self.step_key] = round.step
         run.log(data)
         return data
@@ -266,7 +291,7 @@ class WandbDashboard:
     def _bars(self, round: ScoreRound) -> dict[str, Any]:
         wandb = self.wandb
         order = [p for p in round.order().tolist() if math.isfinite(float(round.scores[p]))]
-        ids, scores = round.task_ids.tolist(), round.scores.tolist()
+        scores = round.scores.tolist()
         k = min(self.top_k, len(order))
         harmful = order[:k]
         helpful = list(reversed(order))[:k]
@@ -276,7 +301,7 @@ class WandbDashboard:
             ("top_helpful", helpful, f"{k} most helpful tasks (highest score)"),
         ):
             table = wandb.Table(
-                columns=["task", "score"], data=[[f"task {ids[p]}", scores[p]] for p in picks]
+                columns=["task", "score"], data=[[_bar_label(round, p), scores[p]] for p in picks]
             )
             out[self._key(name)] = wandb.plot.bar(table, "task", "score", title=title)
         return out

@@ -83,10 +83,14 @@ def point_scores(
     preconditioner: Tensor | None = None,
     projection: Projection | None = None,
     need_reference: bool = True,
+    keep_gradients: bool = False,
     chunk_size: int = 16,
     vectorize: Vectorize = "auto",
 ) -> dict[str, Any]:
-    """Inner products at one point: ``dots[k] = ∇fᵀ P g_k``, ``self[k] = g_kᵀ P g_k``, plus ``f`` and losses."""
+    """Inner products at one point: ``dots[k] = ∇fᵀ P g_k``, ``self[k] = g_kᵀ P g_k``, plus ``f`` and losses.
+
+    With ``keep_gradients``, ``rows`` holds the transformed task gradients ``Π(√P g_k)`` (e.g. to store them).
+    """
     params = trainable(params)
     layout = ParamLayout.of(params)
     reference = next(iter(params.values()))
@@ -107,6 +111,8 @@ def point_scores(
         transform=transform if (root is not None or projection is not None) else None,
     )
     out: dict[str, Any] = {"self": (grads * grads).sum(1), "losses": losses, "dim": grads.shape[1]}
+    if keep_gradients:
+        out["rows"] = grads
     if need_reference:
         ref_grad, ref_value = reference_gradient(
             problem, params, reference_tasks, utility=utility, chunk_size=chunk_size, vectorize=vectorize
@@ -123,6 +129,10 @@ class TracInAccumulator:
     ``update`` adds ``(η_t / B) ∇f(λ_t)ᵀ g_k(λ_t)`` to each task in the batch: its first-order share of the
     decrease of ``f`` (positive = helpful, as everywhere). Completeness: summed over tasks, the scores
     approximate ``f(λ_0) − f(λ_T)`` for small steps. Self-influence accumulates ``η_t ‖g_k(λ_t)‖²``.
+    With a diagonal ``preconditioner`` ``P`` (the step's ``D_t = η P``, see
+    :func:`lightning_metaif.influence.optim.update_scaling`, with ``learning_rate=1``) the products become
+    ``∇fᵀ P g_k`` and ``g_kᵀ P g_k``; with ``task_weights`` ``w_k`` (the weights of the step's weighted mean
+    loss) both are multiplied by ``w_k``, as the step moved ``λ`` by ``w_k g_k``.
 
     Gradients may be projected (the same projection for the task and the reference gradients); a
     ``preconditioner`` (Adam's ``1/(√v̂ + ε)``) must then have the projected dimension or be applied before
@@ -166,6 +176,7 @@ class TracInAccumulator:
         *,
         batch_size: int | None = None,
         preconditioner: Tensor | None = None,
+        task_weights: Tensor | None = None,
     ) -> Tensor | None:
         """Add one step's contributions; returns them (``[B]``, aligned with ``task_ids``) or None.
 
@@ -177,6 +188,7 @@ class TracInAccumulator:
             reference_gradient: ``∇f(λ_t)`` (``[p]`` or ``[d]``); None records only self-influence and counts.
             batch_size: ``B`` of the mean in the update (default: ``len(task_ids)``).
             preconditioner: optional diagonal scaling of the task gradients (Adam's update direction).
+            task_weights: optional ``[B]`` weights ``w_k`` the step applied to each task's gradient.
         """
         grads = torch.as_tensor(task_gradients)
         if grads.dim() != 2:
@@ -202,7 +214,16 @@ class TracInAccumulator:
                     f"preconditioner has {pre.numel()} entries, gradients have {grads.shape[1]} columns."
                 )
             direction = grads * pre
+        weights = None
+        if task_weights is not None:
+            weights = torch.as_tensor(task_weights).detach().to("cpu", torch.float64).reshape(-1)
+            if weights.numel() != grads.shape[0] or not torch.isfinite(weights).all():
+                raise ValueError(
+                    f"task_weights must hold {grads.shape[0]} finite weights, one per gradient row."
+                )
         self_products = (grads * direction).sum(1).to(device="cpu", dtype=torch.float64)
+        if weights is not None:
+            self_products = weights * self_products
         self._self.index_add_(0, positions, learning_rate * self_products)
         self._counts.index_add_(0, positions, torch.ones_like(positions))
         self.steps += 1
@@ -216,6 +237,8 @@ class TracInAccumulator:
                 "project both with the same projection."
             )
         contributions = (learning_rate / batch) * (direction @ ref).to(device="cpu", dtype=torch.float64)
+        if weights is not None:
+            contributions = weights * contributions
         self._scores.index_add_(0, positions, contributions)
         return contributions
 

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from lightning_metaif.influence.gradients import per_task_gradients
+from lightning_metaif.influence.optim import adam_preconditioner
 from lightning_metaif.influence.problem import ParamLayout, Params, weighted_mean
 from lightning_metaif.influence.tasks import Task, TaskBatch
 
@@ -130,9 +131,11 @@ class MAML(LightningModule):
     :func:`~lightning_metaif.influence.gradients.per_task_gradients`, outer gradient
     ``Σ_k w_k g_k / B`` with ``w_k = task_weight_table.get(task_id, 1.0)``, written into ``.grad`` through
     ``manual_backward`` of a linear surrogate (so DDP averages it over ranks and Lightning's backward hooks
-    fire), then ``opt.step()``. Before the step the module stores ``last_task_ids`` (CPU ``int64`` [B]),
-    ``last_task_losses`` ([B]), ``last_task_gradients`` (flat [B, p], unweighted, this rank's tasks, in
-    ``ParamLayout.of(meta_parameters())`` order) and ``last_learning_rate`` (float).
+    fire), then ``opt.step()``. ``training_step`` returns ``{"loss", "task_ids", "task_losses",
+    "task_gradients", "task_weights"}``: per-task gradients (flat ``[B, p]``, unweighted, this rank's tasks, in
+    ``ParamLayout.of(meta_parameters())`` order) and the weights the step applied. This is the module contract
+    of :class:`~lightning_metaif.callback.ReportsTaskGradients` (``reports_task_gradients = True``): the
+    influence callback reads them instead of recomputing them.
 
     Example:
         >>> from lightning_metaif.meta.backbones import MLP
@@ -141,6 +144,8 @@ class MAML(LightningModule):
         >>> maml.task_loss(maml.meta_parameters(), task).shape
         torch.Size([])
     """
+
+    reports_task_gradients = True  # training_step returns per-task gradients (see ReportsTaskGradients)
 
     def __init__(
         self,
@@ -494,33 +499,25 @@ class MAML(LightningModule):
         self.manual_backward(surrogate)
         opt.step()
         self.log("train/meta_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=num_tasks)
-        return {"loss": loss.detach(), "task_ids": self.last_task_ids, "task_losses": self.last_task_losses}
+        return {
+            "loss": loss.detach(),
+            "task_ids": self.last_task_ids,
+            "task_losses": self.last_task_losses,
+            "task_gradients": self.last_task_gradients,
+            "task_weights": weights.detach(),
+        }
 
     def adam_preconditioner(self, optimizer: torch.optim.Optimizer | None = None) -> Tensor | None:
         """Flat ``1 / (sqrt(v̂) + eps)`` of Adam / AdamW in ``ParamLayout.of(meta_parameters())`` order.
 
         Read it *after* ``opt.step()`` (e.g. in ``on_train_batch_end``): then ``v̂`` includes the current
         gradient, which is the denominator that step used. ``None`` for other optimisers or before the first
-        step. With ``amsgrad`` the running maximum is used.
+        step. With ``amsgrad`` the running maximum is used (see
+        :func:`lightning_metaif.influence.optim.adam_preconditioner`).
         """
-        if optimizer is None:
-            optimizer = self.optimizers()
-        optimizer = getattr(optimizer, "optimizer", optimizer)
-        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            return None
-        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        parts = []
-        for p in self.meta_parameters().values():
-            state = optimizer.state.get(p)
-            if not state or "exp_avg_sq" not in state:
-                return None
-            group = group_of[id(p)]
-            beta2, eps = group["betas"][1], group["eps"]
-            step = float(state["step"])
-            v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-            v_hat = v / (1.0 - beta2**step)
-            parts.append((1.0 / (v_hat.sqrt() + eps)).reshape(-1))
-        return torch.cat(parts)
+        return adam_preconditioner(
+            self.optimizers() if optimizer is None else optimizer, self.meta_parameters()
+        )
 
     def _evaluate(self, batch: Any, stage: str) -> dict[str, Tensor]:
         with torch.inference_mode(False), torch.enable_grad():

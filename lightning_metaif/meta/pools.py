@@ -37,6 +37,8 @@ __all__ = [
     "TaskPool",
     "ClassificationTaskPool",
     "SinusoidTaskPool",
+    "SequenceTaskPool",
+    "as_task_pool",
     "collate_tasks",
     "task_generator",
 ]
@@ -188,6 +190,83 @@ class TaskPool(Dataset):
             f"{type(self).__name__}(num_tasks={self.num_tasks}, ids={self.id_offset}.."
             f"{self.id_offset + self.num_tasks - 1}, seed={self.seed})"
         )
+
+
+class SequenceTaskPool:
+    """A pool view over any indexable collection of :class:`Task` objects (a list, or a user's ``Dataset``).
+
+    Task ids are each task's ``task_id`` (positions when no task has one); :meth:`batch` stacks tasks of equal
+    shapes into a :class:`TaskBatch` (vmapped by the engine) and returns a list otherwise (looped).
+
+    Example:
+        >>> tasks = [Task(torch.zeros(2, 1), torch.zeros(2), torch.zeros(3, 1), torch.zeros(3), task_id=10 + i)
+        ...          for i in range(3)]
+        >>> pool = SequenceTaskPool(tasks)
+        >>> pool.task_ids.tolist(), pool.batch([2, 0]).task_ids.tolist()
+        ([10, 11, 12], [12, 10])
+    """
+
+    def __init__(self, tasks: Any, *, argument: str = "pool") -> None:
+        try:
+            size = len(tasks)
+        except TypeError:
+            raise ValueError(
+                f"`{argument}` must be a task pool, a Dataset of tasks or a list of tasks; got "
+                f"{type(tasks).__name__}, which has no len()."
+            ) from None
+        if size == 0:
+            raise ValueError(f"`{argument}` is empty: give at least one task.")
+        first = tasks[0]
+        if not isinstance(first, Task):
+            raise ValueError(
+                f"`{argument}`[0] is a {type(first).__name__}, not a lightning_metaif.Task: a Dataset or list given "
+                "as a pool must yield Task(support_x, support_y, query_x, query_y, task_id=...) objects."
+            )
+        self.tasks = tasks
+        ids = [getattr(tasks[i], "task_id", None) for i in range(size)]
+        if all(i is None for i in ids):
+            ids = list(range(size))
+        elif any(i is None for i in ids):
+            missing = [p for p, i in enumerate(ids) if i is None][:5]
+            raise ValueError(
+                f"`{argument}`: tasks at positions {missing} have no task_id; give every task one."
+            )
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"`{argument}` holds duplicate task ids; every task needs its own stable id.")
+        self._ids = torch.tensor([int(i) for i in ids], dtype=torch.long)
+        self.is_image = bool(getattr(tasks, "is_image", False))
+
+    @property
+    def task_ids(self) -> Tensor:
+        return self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, position: int) -> Task:
+        task = self.tasks[int(position)]
+        return Task(task.support_x, task.support_y, task.query_x, task.query_y, int(self._ids[int(position)]))
+
+    def batch(self, positions: Sequence[int] | Tensor | None = None) -> TaskBatch | list[Task]:
+        if positions is None:
+            positions = range(len(self))
+        elif isinstance(positions, Tensor):
+            positions = positions.reshape(-1).tolist()
+        tasks = [self[p] for p in positions]
+        try:
+            return TaskBatch.stack(tasks)
+        except (RuntimeError, ValueError):  # unequal shapes: the engine loops over a list
+            return tasks
+
+
+def as_task_pool(value: Any, *, argument: str = "pool") -> Any:
+    """A pool the callback can score: a pool with ``task_ids`` and ``batch(positions)`` is used as it is; a
+    ``TaskBatch``, a ``Dataset`` or a list of tasks is wrapped in a :class:`SequenceTaskPool`."""
+    if isinstance(value, TaskBatch):
+        return SequenceTaskPool(list(value), argument=argument)
+    if hasattr(value, "task_ids") and callable(getattr(value, "batch", None)):
+        return value
+    return SequenceTaskPool(value, argument=argument)
 
 
 def _to_tensor(x: Any) -> Tensor:

@@ -19,6 +19,15 @@ from lightning_metaif.influence.solvers.base import (
     relative_residual,
 )
 from lightning_metaif.influence.solvers.dense import dense_solve, identity_solve
+from lightning_metaif.influence.solvers.settings import (
+    CG,
+    Arnoldi,
+    Dense,
+    Identity,
+    LiSSA,
+    SolverSettings,
+    as_solver,
+)
 
 SOLVERS = ("identity", "dense", "cg", "lissa", "arnoldi")
 
@@ -65,7 +74,14 @@ def solve(
 
 
 __all__ = [
+    "CG",
     "SOLVERS",
+    "Arnoldi",
+    "Dense",
+    "Identity",
+    "LiSSA",
+    "SolverSettings",
+    "as_solver",
     "DenseMatrix",
     "LinearOperator",
     "SolveResult",

@@ -1,9 +1,12 @@
-"""One scoring round of the influence callback, as a validated record.
+"""The records every layer shares: one scoring round, one decision, one sample score.
+
+These sit on the ground floor of the package (they import only torch): the callback builds them, the actions
+return them, the dashboards and files publish them.
 
 Sign convention (project-wide): ``score`` is the first-order predicted *increase* of the reference loss if the task
 were removed, so positive = helpful, negative = harmful. Ranks go by score ascending: rank 1 is the most harmful
-task. Non-finite scores (NaN, +-inf: a failed or diverged estimate) are *unranked*: their rank is ``None`` and every
-ranking puts them after all finite scores, so they are never counted as "most harmful".
+task. Non-finite scores (NaN, +-inf: a failed or diverged estimate) and tasks not scored yet are *unranked*: their
+rank is ``None`` and every ranking puts them after all finite scores, so they are never counted as "most harmful".
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-Action = Literal["prune", "weight", "skip"]
+Action = Literal["prune", "weight", "restore", "skip"]
 Split = Literal["support", "query"]
-ACTIONS: tuple[str, ...] = ("prune", "weight", "skip")
+ACTIONS: tuple[str, ...] = ("prune", "weight", "restore", "skip")
 SPLITS: tuple[str, ...] = ("support", "query")
 
 __all__ = ["ACTIONS", "SPLITS", "Decision", "SampleScore", "ScoreRound", "harmful_order"]
@@ -24,11 +27,19 @@ __all__ = ["ACTIONS", "SPLITS", "Decision", "SampleScore", "ScoreRound", "harmfu
 
 @dataclass
 class Decision:
-    """One action the callback took (or declined to take) in a round.
+    """One action the callback took (or declined to take) in a round; what rank 0 broadcasts to the others.
+
+    ``action``: ``"prune"`` (stop sampling ``task_ids``), ``"weight"`` (set ``weights``, aligned with ``task_ids``),
+    ``"restore"`` (bring pruned ``task_ids`` back) or ``"skip"`` (nothing, ``reason`` says why).
 
     Example:
         >>> Decision(step=10, epoch=0, action="prune", task_ids=[3, 5], reason="score < q10")
-        Decision(step=10, epoch=0, action='prune', task_ids=[3, 5], reason='score < q10')
+        Decision(step=10, epoch=0, action='prune', task_ids=[3, 5], reason='score < q10', weights=None)
+        >>> from lightning_metaif.actions.state import TaskState
+        >>> state = TaskState()
+        >>> Decision(1, 0, "weight", [3], "down-weight", weights=[0.5]).apply(state)
+        >>> state.weight(3)
+        0.5
     """
 
     step: int
@@ -36,6 +47,7 @@ class Decision:
     action: Action
     task_ids: list[int]
     reason: str
+    weights: list[float] | None = None
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -43,6 +55,34 @@ class Decision:
         self.step, self.epoch = int(self.step), int(self.epoch)
         self.task_ids = [int(t) for t in self.task_ids]
         self.reason = str(self.reason)
+        if self.weights is not None:
+            self.weights = [float(w) for w in self.weights]
+            if len(self.weights) != len(self.task_ids):
+                raise ValueError(
+                    f"Decision.weights has {len(self.weights)} entries for {len(self.task_ids)} task ids."
+                )
+
+    def apply(self, state: Any) -> None:
+        """Carry the decision out on a :class:`~lightning_metaif.TaskState` (``"skip"`` does nothing)."""
+        if self.action == "prune":
+            state.prune(self.task_ids)
+        elif self.action == "restore":
+            state.restore(self.task_ids)
+        elif self.action == "weight":
+            if self.weights is None:
+                raise ValueError("This 'weight' Decision has no `weights` to apply (one per task id).")
+            state.set_weights(self.task_ids, self.weights)
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain values only (checkpoints load with ``weights_only=True``)."""
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "action": self.action,
+            "task_ids": list(self.task_ids),
+            "reason": self.reason,
+            "weights": None if self.weights is None else list(self.weights),
+        }
 
 
 @dataclass
@@ -113,7 +153,8 @@ class ScoreRound:
     """Everything the callback knows after one scoring round.
 
     Tensors are detached and moved to CPU; per-task tensors must be 1-D and aligned with ``task_ids``.
-    ``weights`` defaults to ones, ``pruned`` to all-False. ``decisions`` are the decisions taken in *this* round
+    ``weights`` defaults to ones, ``pruned`` to all-False, ``scored`` (which tasks have a score at all) to
+    all-True. A task that was never scored is unranked and left out of every statistic; its score is NaN. ``decisions`` are the decisions taken in *this* round
     (``round_metrics`` counts the ids of its ``"prune"`` decisions as newly pruned).
 
     Example:
@@ -136,6 +177,7 @@ class ScoreRound:
     corrupted: Tensor | None = None
     seconds: float = 0.0
     sample_rows: list[SampleScore] | None = None
+    scored: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.step, self.epoch, self.seconds = int(self.step), int(self.epoch), float(self.seconds)
@@ -160,6 +202,12 @@ class ScoreRound:
             if self.pruned is None
             else _vector("pruned", self.pruned, m, torch.bool)
         )
+        self.scored = (
+            torch.ones(m, dtype=torch.bool)
+            if self.scored is None
+            else _vector("scored", self.scored, m, torch.bool)
+        )
+        self.scores = torch.where(self.scored, self.scores, torch.full_like(self.scores, float("nan")))
         if self.corrupted is not None:
             self.corrupted = _vector("corrupted", self.corrupted, m, torch.bool)
         if self.classes is not None:
@@ -185,7 +233,7 @@ class ScoreRound:
         return int(self.task_ids.numel())
 
     def order(self) -> Tensor:
-        """Positions most harmful first (see :func:`harmful_order`)."""
+        """Positions most harmful first (see :func:`harmful_order`); never-scored tasks come last."""
         return harmful_order(self.scores)
 
     def ranks(self) -> list[int | None]:
@@ -200,8 +248,8 @@ class ScoreRound:
     def to_rows(self) -> list[dict[str, Any]]:
         """One dict per task, in ``task_ids`` order.
 
-        Keys: ``id, score, self_influence, rank, weight, pruned, classes, corrupted`` (``None`` where unknown;
-        ``rank`` 1 = most harmful, ``None`` for non-finite scores).
+        Keys: ``id, score, self_influence, rank, weight, pruned, classes, corrupted, scored`` (``None`` where
+        unknown; ``rank`` 1 = most harmful, ``None`` for non-finite or never-scored tasks).
         """
         ranks = self.ranks()
         si = self.self_influence.tolist() if self.self_influence is not None else [None] * self.num_tasks
@@ -217,8 +265,9 @@ class ScoreRound:
                 "pruned": p,
                 "classes": c,
                 "corrupted": k,
+                "scored": d,
             }
-            for tid, score, s, rank, w, p, c, k in zip(
+            for tid, score, s, rank, w, p, c, k, d in zip(
                 self.task_ids.tolist(),
                 self.scores.tolist(),
                 si,
@@ -227,5 +276,6 @@ class ScoreRound:
                 self.pruned.tolist(),
                 cls,
                 cor,
+                self.scored.tolist(),
             )
         ]

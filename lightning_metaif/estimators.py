@@ -1,0 +1,597 @@
+"""The callback's estimators: one object per way of scoring tasks, each making one call into the engine.
+
+:class:`~lightning_metaif.MetaInfluence` schedules rounds, gathers across ranks, decides and publishes; what a
+score *is* lives here, in one class per estimator, and each class delegates the maths to its functional twin in
+:mod:`lightning_metaif.influence` (the torchmetrics layout: the class holds state across rounds, the function
+computes):
+
+=================  ==================================================  ===========================================
+estimator          engine call per round                               over rounds
+=================  ==================================================  ===========================================
+:class:`Trajectory`   :class:`~lightning_metaif.influence.tracin.TracInAccumulator`    sum along the real path
+                      fed at every optimizer step; one reference gradient per round
+:class:`Checkpoints`  :func:`~lightning_metaif.influence.tracin.point_scores`          sum over checkpoints (TracInCP)
+:class:`TaskIF`       :func:`~lightning_metaif.influence.estimators.task_influence`   latest round only
+                      (``estimator="task_if"``)
+:class:`Ensemble`     :func:`~lightning_metaif.influence.estimators.task_influence`   mean over rounds
+                      (``estimator="ensemble"``)
+=================  ==================================================  ===========================================
+
+Every estimator attributes the step the optimiser actually took: per-task gradients are scaled by the step's
+``D_t`` (learning rate per parameter group times Adam's ``1/(√v̂ + ε)``,
+:func:`~lightning_metaif.influence.optim.update_scaling`) and by the task's weight in the step's loss.
+Self-influence is, everywhere, ``g_kᵀ D g_k`` for the TracIn family and ``g_kᵀ (H + δI)⁻¹ g_k`` for task-IF.
+
+Example:
+    >>> as_estimator("task_if")
+    TaskIF(solver='cg', damping=None, l2=0.0, curvature=None, on_error='warn', max_tasks=None, self_influence=False)
+    >>> TaskIF(damping=float("nan"))
+    Traceback (most recent call last):
+    ...
+    ValueError: TaskIF(damping=nan) must be a finite number >= 0 or 'auto'.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_metaif.influence.estimators import task_influence
+from lightning_metaif.influence.gradients import reference_gradient
+from lightning_metaif.influence.instance import instance_influence
+from lightning_metaif.influence.problem import Params
+from lightning_metaif.influence.solvers import SolverError
+from lightning_metaif.influence.solvers.settings import SolverSettings, as_solver
+from lightning_metaif.influence.tracin import TracInAccumulator, point_scores
+from lightning_metaif.records import SampleScore
+
+__all__ = [
+    "ESTIMATORS",
+    "Checkpoints",
+    "Ensemble",
+    "RoundContext",
+    "RoundEstimator",
+    "RoundScores",
+    "SampleInfluence",
+    "ScoreTotals",
+    "TaskIF",
+    "Trajectory",
+    "as_estimator",
+]
+
+
+@dataclass
+class RoundContext:
+    """What an estimator may use in one scoring round (plain objects: no Trainer, no Lightning).
+
+    ``positions`` are the pool positions this process scores; ``objective_positions`` /
+    ``objective_weights`` describe the training objective of the round (kept tasks and their weights, the same
+    on every process), which task-IF's Hessian is built over.
+    """
+
+    problem: Any
+    params: Params
+    pool: Any
+    positions: Tensor
+    weights: Tensor
+    objective_positions: Tensor
+    objective_weights: Tensor
+    reference: Any
+    utility: Callable[[Params], Tensor] | None
+    engine: dict[str, Any]
+    step: int = 0
+    round_index: int = 0
+    seed: int = 0
+    scaling: Tensor | None = None
+    projection: Callable[[Tensor], Tensor] | None = None
+    store: Any = None
+    position_of: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class RoundScores:
+    """One estimator's output for a round: scores of ``positions`` (pool positions), plus diagnostics."""
+
+    positions: Tensor
+    scores: Tensor
+    self_influence: Tensor | None = None
+    diagnostics: dict[str, float] = field(default_factory=dict)
+
+
+def _reference(ctx: RoundContext) -> tuple[Tensor, float]:
+    grad, value = reference_gradient(
+        ctx.problem,
+        ctx.params,
+        None if ctx.utility is not None else ctx.reference,
+        utility=ctx.utility,
+        **ctx.engine,
+    )
+    return grad.detach(), float(value)
+
+
+def _check_max_tasks(owner: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{owner}(max_tasks={value!r}) must be a positive integer or None (every task).")
+
+
+class RoundEstimator:
+    """Base class of the callback's estimators.
+
+    Subclasses set ``name``, implement :meth:`score` (one engine call) and choose how scores combine over rounds
+    (``over_rounds``: ``"sum"`` along a path, ``"mean"`` of an ensemble, ``"latest"`` for a point estimate).
+    ``traces_steps`` estimators also receive every optimizer step through :meth:`on_step`;
+    ``splits_across_ranks`` estimators score a disjoint share of the tasks on each process (the callback sums
+    the shares), the others compute the same full result on every process.
+    """
+
+    name: ClassVar[str] = ""
+    over_rounds: ClassVar[Literal["sum", "mean", "latest"]] = "sum"
+    traces_steps: ClassVar[bool] = False
+    splits_across_ranks: ClassVar[bool] = True
+    max_tasks: int | None = None
+
+    def start(self, ctx: RoundContext) -> None:
+        """Called once when training starts (not on resume when the state was restored)."""
+
+    def on_step(
+        self,
+        step: int,
+        task_ids: Tensor,
+        gradients: Tensor,
+        *,
+        task_weights: Tensor,
+        scaling: Tensor | None,
+        batch_size: int,
+    ) -> None:
+        """One optimizer step's per-task gradients (taken at the parameters before the step)."""
+
+    def has_unscored_steps(self) -> bool:
+        """Whether steps were traced since the last round (the end of training then scores them)."""
+        return False
+
+    def score(self, ctx: RoundContext) -> RoundScores:
+        raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        """The estimator's settings, for the logger's hyperparameters."""
+        values = asdict(self) if hasattr(self, "__dataclass_fields__") else {}
+        return {"name": self.name} | {k: _plain(v) for k, v in values.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, SolverSettings):
+        return {"name": value.name} | value.options()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+@dataclass
+class Trajectory(RoundEstimator):
+    """TracIn along the real training path (Pruthi et al.), fed at every optimizer step.
+
+    Step ``t`` adds ``(w_k / B) ∇f(λ_r)ᵀ D_t g_k(λ_t)`` to each task ``k`` of its batch, where ``B`` is the
+    number of tasks the step averaged over (all micro-batches of an accumulated step, all processes), ``w_k``
+    the task's weight in the step's loss, ``D_t`` the step's learning rates times Adam's preconditioner, and
+    ``∇f(λ_r)`` the reference gradient refreshed at each round (at the start of training before the first): one
+    reference gradient per round instead of per step. No projection: the products are exact.
+    """
+
+    name: ClassVar[str] = "trajectory"
+    traces_steps: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        self._accumulator = TracInAccumulator()
+        self._reference: Tensor | None = None
+        self._reference_value = math.nan
+
+    def start(self, ctx: RoundContext) -> None:
+        if self._reference is None:
+            self._reference, self._reference_value = _reference(ctx)
+
+    def on_step(self, step, task_ids, gradients, *, task_weights, scaling, batch_size) -> None:  # noqa: D102
+        if self._reference is None:
+            raise RuntimeError("Trajectory.on_step before start(): the reference gradient is not set.")
+        self._accumulator.update(
+            step,
+            1.0,
+            task_ids,
+            gradients,
+            self._reference.to(gradients),
+            batch_size=batch_size,
+            preconditioner=None if scaling is None else scaling.to(gradients),
+            task_weights=task_weights,
+        )
+
+    def has_unscored_steps(self) -> bool:
+        return self._accumulator.steps > 0
+
+    def score(self, ctx: RoundContext) -> RoundScores:
+        since_last = self._accumulator.scores()
+        positions = torch.tensor(
+            [ctx.position_of[int(t)] for t in since_last.task_ids.tolist()], dtype=torch.long
+        )
+        steps = self._accumulator.steps
+        self._accumulator = TracInAccumulator()
+        previous_value = self._reference_value
+        self._reference, self._reference_value = _reference(ctx)  # for the steps until the next round
+        return RoundScores(
+            positions,
+            since_last.scores,
+            since_last.self_influence,
+            {
+                "steps_traced": float(steps),
+                "reference_loss": self._reference_value,
+                "reference_loss_change": self._reference_value - previous_value,
+            },
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "accumulator": self._accumulator.state_dict(),
+            "reference": None if self._reference is None else self._reference.detach().cpu().clone(),
+            "reference_value": self._reference_value,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._accumulator.load_state_dict(state["accumulator"])
+        self._reference = state.get("reference")
+        self._reference_value = float(state.get("reference_value", math.nan))
+
+
+@dataclass
+class Checkpoints(RoundEstimator):
+    """TracInCP: each round scores the pool at the current parameters and adds ``⟨∇f, D g_k⟩`` to every task.
+
+    ``D`` is the last step's learning rates times Adam's preconditioner (as for :class:`Trajectory`), so a round
+    weighs like the steps it stands for. With a store, the projected gradients ``Π(√D g_k)`` are written as a
+    checkpoint (re-scorable later against another reference).
+
+    Args:
+        max_tasks: score a seeded random sample of at most this many kept tasks per round (``None``: all).
+    """
+
+    name: ClassVar[str] = "checkpoints"
+    max_tasks: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_max_tasks("Checkpoints", self.max_tasks)
+
+    def score(self, ctx: RoundContext) -> RoundScores:
+        ids = torch.as_tensor(ctx.pool.task_ids)[ctx.positions]
+        out = point_scores(
+            ctx.problem,
+            ctx.params,
+            ctx.pool.batch(ctx.positions),
+            None if ctx.utility is not None else ctx.reference,
+            utility=ctx.utility,
+            task_ids=ids,
+            preconditioner=ctx.scaling,
+            projection=ctx.projection,
+            keep_gradients=ctx.store is not None,
+            **ctx.engine,
+        )
+        weights = ctx.weights.to(torch.float64)
+        if ctx.store is not None:
+            ctx.store.write_checkpoint(ctx.step, 1.0, ids, out["rows"])
+        return RoundScores(
+            ctx.positions,
+            weights * out["dots"].detach().to("cpu", torch.float64),
+            weights * out["self"].detach().to("cpu", torch.float64),
+            {"reference_loss": out["reference_value"]},
+        )
+
+
+@dataclass
+class TaskIF(RoundEstimator):
+    """Ren et al.'s task influence at the current parameters: ``(w_k / M) g_kᵀ (H + δI)^{-1} ∇f``.
+
+    ``H`` is the total Hessian of the round's training objective: the kept (unpruned) tasks, with their
+    weights. Scores of one round are not mixed with those of earlier rounds (parameters moved in between):
+    each round reports, and actions act on, the tasks scored in that round only.
+
+    Args:
+        solver: a name (``"cg"``, ``"dense"``, ``"lissa"``, ``"arnoldi"``, ``"identity"``) or settings
+            (``CG(max_iterations=200)``, ... from :mod:`lightning_metaif.influence.solvers`).
+        damping: ``δ``; ``None`` uses the engine's default.
+        l2: the L2 coefficient of the training objective (part of ``H``).
+        curvature: ``None`` (the engine's default), ``"exact"`` or another curvature the engine offers.
+        on_error: ``"warn"``: a failed solve warns and the round's scores are NaN (nothing acts on them);
+            ``"raise"``: training stops with the :class:`~lightning_metaif.influence.solvers.SolverError`.
+        max_tasks: a seeded random sample of at most this many kept tasks per round (``None``: all).
+        self_influence: also compute ``g_kᵀ (H + δI)^{-1} g_k`` (costs extra solves).
+    """
+
+    name: ClassVar[str] = "task_if"
+    over_rounds: ClassVar[Literal["sum", "mean", "latest"]] = "latest"
+    splits_across_ranks: ClassVar[bool] = False
+    solver: str | SolverSettings = "cg"
+    damping: float | str | None = None
+    l2: float = 0.0
+    curvature: str | None = None
+    on_error: Literal["warn", "raise"] = "warn"
+    max_tasks: int | None = None
+    self_influence: bool = False
+
+    def __post_init__(self) -> None:
+        as_solver(self.solver, argument="TaskIF(solver=...)")
+        if self.damping is not None and not (
+            (isinstance(self.damping, str) and self.damping == "auto")
+            or (
+                isinstance(self.damping, (int, float))
+                and not isinstance(self.damping, bool)
+                and math.isfinite(self.damping)
+                and self.damping >= 0
+            )
+        ):
+            raise ValueError(f"TaskIF(damping={self.damping!r}) must be a finite number >= 0 or 'auto'.")
+        if not isinstance(self.l2, (int, float)) or not math.isfinite(self.l2) or self.l2 < 0:
+            raise ValueError(f"TaskIF(l2={self.l2!r}) must be a finite number >= 0.")
+        if self.on_error not in ("warn", "raise"):
+            raise ValueError(f"TaskIF(on_error={self.on_error!r}) must be 'warn' or 'raise'.")
+        _check_max_tasks("TaskIF", self.max_tasks)
+
+    def score(self, ctx: RoundContext) -> RoundScores:
+        settings = as_solver(self.solver)
+        options: dict[str, Any] = {"l2": self.l2}
+        if self.damping is not None:
+            options["damping"] = self.damping
+        if self.curvature is not None:
+            options["curvature"] = self.curvature
+        positions = ctx.objective_positions
+        try:
+            result = task_influence(
+                ctx.problem,
+                ctx.params,
+                ctx.pool.batch(positions),
+                None if ctx.utility is not None else ctx.reference,
+                utility=ctx.utility,
+                task_ids=torch.as_tensor(ctx.pool.task_ids)[positions],
+                estimator="task_if",
+                solver=settings.name,
+                solver_options=settings.options(),
+                task_weights=ctx.objective_weights,
+                with_self_influence=self.self_influence,
+                **options,
+                **ctx.engine,
+            )
+        except SolverError as error:
+            if self.on_error == "raise":
+                raise
+            warnings.warn(
+                f"TaskIF round {ctx.round_index}: the solve failed, this round's scores are NaN and nothing acts "
+                f"on them: {error} (settings: TaskIF(solver={self.solver!r}, damping={self.damping!r}, "
+                f"l2={self.l2!r}); raise `damping` or `l2` of TaskIF, or pass on_error='raise' to stop.)",
+                UserWarning,
+                stacklevel=2,
+            )
+            nan = torch.full((len(positions),), math.nan, dtype=torch.float64)
+            return RoundScores(positions, nan, None, {"solver_converged": 0.0, "solver_failed": 1.0})
+        d = result.diagnostics
+        converged = bool(d.get("converged", True))
+        if not converged:
+            warnings.warn(
+                f"TaskIF round {ctx.round_index}: the {settings.name} solve stopped at relative residual "
+                f"{float(d.get('residual', math.nan)):.2e} after {d.get('iterations')} iterations without reaching "
+                f"its tolerance; scores are approximate. Give TaskIF(solver=...) more iterations (e.g. "
+                f"CG(max_iterations=...)) or a larger damping.",
+                UserWarning,
+                stacklevel=2,
+            )
+        diagnostics = {
+            "solver_iterations": float(d.get("iterations", 0)),
+            "solver_residual": float(d.get("residual", math.nan)),
+            "solver_converged": float(converged),
+            "solver_failed": 0.0,
+            "damping": float(d.get("damping", math.nan))
+            if not isinstance(d.get("damping"), str)
+            else math.nan,
+            "reference_loss": float(d.get("reference_value", math.nan)),
+        }
+        self_influence = None
+        if result.self_influence is not None:
+            self_influence = result.self_influence.detach().to("cpu", torch.float64)
+        return RoundScores(
+            positions, result.scores.detach().to("cpu", torch.float64), self_influence, diagnostics
+        )
+
+
+@dataclass
+class Ensemble(RoundEstimator):
+    """Yang et al.'s ensemble: inner-product influence averaged over the current parameters and ``copies``
+    Gaussian-perturbed copies (``std``), then over rounds.
+
+    Args:
+        copies: perturbed copies per round (``0``: the current parameters only).
+        std: standard deviation of the perturbation.
+        max_tasks: a seeded random sample of at most this many kept tasks per round (``None``: all).
+    """
+
+    name: ClassVar[str] = "ensemble"
+    over_rounds: ClassVar[Literal["sum", "mean", "latest"]] = "mean"
+    copies: int = 4
+    std: float = 0.01
+    max_tasks: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.copies, int) or self.copies < 0:
+            raise ValueError(f"Ensemble(copies={self.copies!r}) must be an integer >= 0.")
+        if not isinstance(self.std, (int, float)) or not math.isfinite(self.std) or self.std < 0:
+            raise ValueError(f"Ensemble(std={self.std!r}) must be a finite number >= 0.")
+        _check_max_tasks("Ensemble", self.max_tasks)
+
+    def score(self, ctx: RoundContext) -> RoundScores:
+        result = task_influence(
+            ctx.problem,
+            ctx.params,
+            ctx.pool.batch(ctx.positions),
+            None if ctx.utility is not None else ctx.reference,
+            utility=ctx.utility,
+            task_ids=torch.as_tensor(ctx.pool.task_ids)[ctx.positions],
+            estimator="ensemble",
+            noise_copies=self.copies,
+            noise_std=self.std,
+            seed=ctx.seed * 7919 + ctx.round_index,
+            projection=ctx.projection,
+            task_weights=ctx.weights,
+            with_self_influence=True,
+            **ctx.engine,
+        )
+        value = result.diagnostics.get("reference_value", math.nan)
+        return RoundScores(
+            ctx.positions,
+            result.scores.detach().to("cpu", torch.float64),
+            result.self_influence.detach().to("cpu", torch.float64),
+            {"reference_loss": float(value) if isinstance(value, (int, float)) else math.nan},
+        )
+
+
+@dataclass
+class SampleInfluence:
+    """Score the samples of the ``top_k`` most harmful kept tasks each round (instance influence).
+
+    Inner-product form at the current parameters: a support or query sample's score is the predicted increase
+    of the reference loss if its weight in the task's loss went from 1 to 0 (positive = helpful).
+
+    Example:
+        >>> SampleInfluence(top_k=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: SampleInfluence(top_k=0) must be a positive integer (leave samples=None to turn it off).
+    """
+
+    top_k: int = 8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
+            raise ValueError(
+                f"SampleInfluence(top_k={self.top_k!r}) must be a positive integer (leave samples=None to turn it off)."
+            )
+
+    def score(self, ctx: RoundContext, positions: Tensor) -> list[SampleScore]:
+        """Sample scores of the tasks at ``positions``, most harmful first."""
+        if len(positions) == 0:
+            return []
+        tasks = ctx.pool.batch(positions)
+        result = instance_influence(
+            ctx.problem,
+            ctx.params,
+            tasks,
+            None if ctx.utility is not None else ctx.reference,
+            utility=ctx.utility,
+            solver="identity",
+            chunk_size=ctx.engine.get("chunk_size", 16),
+        )
+        image = bool(getattr(ctx.pool, "is_image", False))
+        rows = []
+        for i, task_id in enumerate(result.task_ids.tolist()):
+            task = tasks[i]
+            for split, table, inputs, labels in (
+                ("support", result.support_scores, task.support_x, task.support_y),
+                ("query", result.query_scores, task.query_x, task.query_y),
+            ):
+                for j, value in enumerate(torch.as_tensor(table[i]).tolist()):
+                    label = labels[j].item() if labels[j].numel() == 1 else None
+                    rows.append(SampleScore(task_id, split, j, value, label, inputs[j] if image else None))
+        rows.sort(key=lambda row: row.score)
+        return rows
+
+
+class ScoreTotals:
+    """Scores over rounds, per pool position, by one rule: ``"sum"`` (a path goes on), ``"mean"`` (over the rounds
+    that scored each task) or ``"latest"`` (only the current round; older scores were taken at other parameters).
+
+    Example:
+        >>> totals = ScoreTotals("mean", size=2)
+        >>> _ = totals.add(torch.tensor([1.0, 0.0]), None, torch.tensor([True, False]))
+        >>> scores, _, scored = totals.add(torch.tensor([3.0, 5.0]), None, torch.tensor([True, True]))
+        >>> scores.tolist(), scored.tolist()
+        ([2.0, 5.0], [True, True])
+    """
+
+    def __init__(self, rule: str, size: int = 0) -> None:
+        if rule not in ("sum", "mean", "latest"):
+            raise ValueError(f"rule must be 'sum', 'mean' or 'latest', got {rule!r}.")
+        self.rule = rule
+        self.resize(size)
+
+    @property
+    def size(self) -> int:
+        return int(self.scores.numel())
+
+    def resize(self, size: int) -> None:
+        self.scores = torch.zeros(size, dtype=torch.float64)
+        self.self_influence = torch.zeros(size, dtype=torch.float64)
+        self.times_scored = torch.zeros(size, dtype=torch.long)
+        self.has_self = False
+
+    def add(
+        self, scores: Tensor, self_influence: Tensor | None, scored: Tensor
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Fold one round in; returns the combined ``(scores, self_influence, scored)`` for the round's record."""
+        scored = scored.to(torch.bool)
+        self.times_scored += scored.long()
+        new_self = torch.zeros_like(scores) if self_influence is None else self_influence
+        self.has_self = self.has_self or self_influence is not None
+        if self.rule == "sum":
+            self.scores = self.scores + torch.where(scored, scores, torch.zeros_like(scores))
+            self.self_influence = self.self_influence + torch.where(
+                scored, new_self, torch.zeros_like(new_self)
+            )
+            mask = self.times_scored > 0
+        elif self.rule == "mean":
+            count = self.times_scored.clamp_min(1).to(torch.float64)
+            self.scores = torch.where(scored, self.scores + (scores - self.scores) / count, self.scores)
+            self.self_influence = torch.where(
+                scored, self.self_influence + (new_self - self.self_influence) / count, self.self_influence
+            )
+            mask = self.times_scored > 0
+        else:
+            self.scores = torch.where(scored, scores, torch.full_like(scores, math.nan))
+            self.self_influence = torch.where(scored, new_self, torch.full_like(new_self, math.nan))
+            mask = scored
+        return self.scores.clone(), (self.self_influence.clone() if self.has_self else None), mask.clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "scores": self.scores.clone(),
+            "self_influence": self.self_influence.clone(),
+            "times_scored": self.times_scored.clone(),
+            "has_self": self.has_self,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scores = state["scores"].clone()
+        self.self_influence = state["self_influence"].clone()
+        self.times_scored = state["times_scored"].clone()
+        self.has_self = bool(state["has_self"])
+
+
+ESTIMATORS: dict[str, type[RoundEstimator]] = {
+    cls.name: cls for cls in (Trajectory, Checkpoints, TaskIF, Ensemble)
+}
+
+
+def as_estimator(value: str | RoundEstimator) -> RoundEstimator:
+    """An estimator object from a name (with its defaults) or an object, checked."""
+    if isinstance(value, RoundEstimator):
+        return value
+    if isinstance(value, str) and value in ESTIMATORS:
+        return ESTIMATORS[value]()
+    raise ValueError(
+        f"estimator={value!r} is not an estimator; choose one of {tuple(ESTIMATORS)} or pass Trajectory(), "
+        "Checkpoints(...), TaskIF(...), Ensemble(...) from lightning_metaif.estimators."
+    )

@@ -1,0 +1,86 @@
+"""What an optimiser step did to each coordinate: learning rates and Adam's preconditioner, read after the step.
+
+TracIn along a real training path needs, for each step ``t``, the map from the (mean) gradient to the update:
+``λ_{t+1} = λ_t − D_t ḡ_t`` with a diagonal ``D_t``. For SGD, ``D_t`` is each parameter group's learning rate; for
+Adam / AdamW it is ``η_group / (√v̂_t + ε)`` (LESS, Xia et al. 2024, preconditions per-example gradients this way),
+where ``v̂_t`` already includes the step's gradient, so it must be read *after* ``optimizer.step()``. Momentum
+(Adam's ``m̂``, SGD's momentum buffer) and weight decay are not part of ``D_t``: TracIn attributes each step's
+*gradient*, as in Pruthi et al. and LESS.
+
+This is the one implementation of that map in the package: the callback's estimators and
+:meth:`lightning_metaif.MAML.adam_preconditioner` both call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = ["adam_preconditioner", "update_scaling"]
+
+
+def _unwrap(optimizer: object) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # Lightning's LightningOptimizer wraps the real one
+
+
+def _is_adam(optimizer: torch.optim.Optimizer) -> bool:
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+
+def adam_preconditioner(optimizer: object, params: Mapping[str, Tensor]) -> Tensor | None:
+    """Flat ``1 / (√v̂ + ε)`` of Adam / AdamW for ``params`` (in their order), read after a step.
+
+    Every parameter group's own ``β₂`` and ``ε`` are used, and with ``amsgrad`` the running maximum of ``v``.
+    Returns ``None`` when the optimiser is not Adam / AdamW or has not stepped yet on every parameter.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> opt = torch.optim.Adam([w], lr=0.1, eps=1e-8)
+        >>> w.grad = torch.tensor([2.0, -4.0]); opt.step()
+        >>> adam_preconditioner(opt, {"w": w})  # after one step v̂ = g², so 1/(|g| + ε)
+        tensor([0.5000, 0.2500])
+    """
+    optimizer = _unwrap(optimizer)
+    if not _is_adam(optimizer):
+        return None
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    parts = []
+    for param in params.values():
+        state = optimizer.state.get(param)
+        group = group_of.get(id(param))
+        if not state or "exp_avg_sq" not in state or group is None:
+            return None
+        beta2, eps = group["betas"][1], group["eps"]
+        step = float(state["step"])
+        v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+        v_hat = v / (1.0 - beta2**step)
+        parts.append((1.0 / (v_hat.sqrt() + eps)).reshape(-1))
+    return torch.cat(parts)
+
+
+def update_scaling(optimizer: object, params: Mapping[str, Tensor]) -> Tensor:
+    """Flat ``D_t`` of the step just taken: each coordinate's learning rate times Adam's preconditioner.
+
+    Parameters that no group of ``optimizer`` holds get 0 (the step did not move them). Read it after
+    ``optimizer.step()``.
+
+    Example:
+        >>> a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+        >>> opt = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.5}])
+        >>> update_scaling(opt, {"a": a, "b": b}).tolist()
+        [0.1, 0.1, 0.5]
+    """
+    optimizer = _unwrap(optimizer)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    rates = []
+    for param in params.values():
+        group = group_of.get(id(param))
+        rate = 0.0 if group is None else float(group["lr"])
+        rates.append(torch.full((param.numel(),), rate, dtype=torch.float64))
+    scaling = torch.cat(rates) if rates else torch.zeros(0, dtype=torch.float64)
+    preconditioner = adam_preconditioner(optimizer, params)
+    if preconditioner is not None:
+        scaling = scaling * preconditioner.detach().to("cpu", torch.float64)
+    return scaling

@@ -68,7 +68,9 @@ def main(argv=None):
         "trajectory",
         actions=[PruningPolicy(fraction=0.2, warmup_rounds=1 if fast else 4)],
         ground_truth=corruption.task_ids,  # ground truth: turns on the detection panel
-        samples=SampleInfluence(top_k=8),  # instance influence of the 8 most harmful tasks: samples with images
+        samples=SampleInfluence(
+            top_k=8
+        ),  # instance influence of the 8 most harmful tasks: samples with images
     )
     dm = MetaDataModule(train_pool, splits.val, splits.test, batch_size=10, task_state=influence.task_state)
     logger = wandb_logger(  # Lightning's WandbLogger, minus a deprecated setting wandb warns about

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lightning_metaif.actions.sampler import TaskSampler
 from lightning_metaif.actions.state import TaskState
-from lightning_metaif.config import GradientStoreConfig
+from lightning_metaif.config import GradientStoreConfig, plain_settings
 from lightning_metaif.estimators import (
     RoundContext,
     RoundEstimator,
@@ -221,9 +221,9 @@ class MetaInfluence(Callback):
             "estimator": self.estimator.settings(),
             "every_n_epochs": self.every_n_epochs,
             "every_n_train_steps": self.every_n_train_steps,
-            "store": None if self.store_config is None else _plain(dataclasses.asdict(self.store_config)),
-            "actions": [{"name": type(a).__name__} | _plain(dataclasses.asdict(a)) for a in self.actions],
-            "samples": None if self.samples is None else dataclasses.asdict(self.samples),
+            "store": plain_settings(self.store_config),
+            "actions": [{"name": type(a).__name__} | plain_settings(a) for a in self.actions],
+            "samples": plain_settings(self.samples),
             "reference": "utility"
             if self.utility is not None
             else ("given" if self.reference else "val_pool"),
@@ -416,6 +416,13 @@ class MetaInfluence(Callback):
         )
         if needed:  # the steps after the last round are scored too
             self._run_round(trainer, pl_module, can_log=False)
+        elif self.result is not None and trainer.is_global_zero:  # the last round's tables, if skipped
+            for dashboard in self._dashboards.values():
+                if dashboard.last_skipped:
+                    dashboard.rounds_seen -= 1
+                    dashboard.log_round(
+                        self.result, self.history, metrics=self.history[-1], scalars=False, final=True
+                    )
         if self._store is not None:
             self._store.flush()
 
@@ -515,8 +522,15 @@ class MetaInfluence(Callback):
         self._last_round_step = trainer.global_step
         num_tasks = len(self._pool_ids)
         ctx = self._context(trainer, pl_module, self._round_positions())
-        with torch.enable_grad():
-            out: RoundScores = self._run_engine(self.estimator.score, ctx)
+        bar = self._round_bar(trainer, len(ctx.positions))
+        if bar is not None:
+            ctx.progress = lambda done, total: bar.update(done - bar.n)
+        try:
+            with torch.enable_grad():
+                out: RoundScores = self._run_engine(self.estimator.score, ctx)
+        finally:
+            if bar is not None:
+                bar.close()
         scores = torch.zeros(num_tasks, dtype=torch.float64)
         self_influence = torch.zeros(num_tasks, dtype=torch.float64)
         scored = torch.zeros(num_tasks, dtype=torch.float64)
@@ -555,6 +569,23 @@ class MetaInfluence(Callback):
         self.timings["round_seconds"] += round_.seconds
         self.result = round_
         self._publish(trainer, pl_module, round_, diagnostics, can_log=can_log)
+
+    def _round_bar(self, trainer: pl.Trainer, total: int) -> Any:
+        """A progress bar for a round over many tasks, under the trainer's own (TQDM) bar; ``None`` otherwise."""
+        bar = getattr(trainer, "progress_bar_callback", None)
+        if (
+            total <= 256
+            or not trainer.is_global_zero
+            or bar is None
+            or getattr(bar, "is_disabled", True)
+            or type(bar).__name__ != "TQDMProgressBar"
+        ):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=total, desc=f"metaif round {self.rounds} ({self.estimator.name})", leave=False, unit="task"
+        )
 
     def _make_round(
         self,
@@ -715,16 +746,6 @@ class MetaInfluence(Callback):
 
 
 # ---------------------------------------------------------------------- helpers ------------------------------
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
 
 
 def _check_reference(value: Any, *, argument: str = "reference") -> Any:

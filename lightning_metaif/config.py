@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["GradientStoreConfig"]
+__all__ = ["GradientStoreConfig", "plain_settings"]
+
+
+def plain_settings(value: Any) -> Any:
+    """Settings as plain values for a logger's hyperparameters (dataclasses, solver settings, paths, ...).
+
+    Example:
+        >>> from lightning_metaif.influence.solvers import CG
+        >>> plain_settings({"solver": CG(max_iterations=5), "store": GradientStoreConfig(dirpath=None)})["solver"]
+        {'name': 'cg', 'max_iterations': 5, 'tolerance': 1e-05, 'strict': False}
+    """
+    if callable(getattr(value, "options", None)) and isinstance(getattr(value, "name", None), str):
+        return {"name": value.name} | plain_settings(value.options())  # solver settings
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        named = {"name": value.name} if isinstance(getattr(value, "name", None), str) else {}
+        return named | {f.name: plain_settings(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): plain_settings(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_settings(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from lightning_metaif.config import plain_settings
 from lightning_metaif.influence.estimators import task_influence
 from lightning_metaif.influence.gradients import reference_gradient
 from lightning_metaif.influence.instance import instance_influence
@@ -92,6 +93,29 @@ class RoundContext:
     projection: Callable[[Tensor], Tensor] | None = None
     store: Any = None
     position_of: dict[int, int] = field(default_factory=dict)
+    progress: Callable[[int, int], None] | None = None  # (tasks done, tasks in the round) for a progress bar
+
+
+def _in_slices(
+    ctx: RoundContext, score_slice: Callable[[Tensor], RoundScores], size: int = 256
+) -> RoundScores:
+    """Score ``ctx.positions`` in slices of ``size`` tasks (same result as one call), reporting progress."""
+    total = len(ctx.positions)
+    if total <= size or ctx.progress is None:
+        return score_slice(ctx.positions)
+    parts = []
+    for start in range(0, total, size):
+        parts.append(score_slice(ctx.positions[start : start + size]))
+        ctx.progress(min(start + size, total), total)
+    self_influence = None
+    if all(p.self_influence is not None for p in parts):
+        self_influence = torch.cat([p.self_influence for p in parts])
+    return RoundScores(
+        torch.cat([p.positions for p in parts]),
+        torch.cat([p.scores for p in parts]),
+        self_influence,
+        parts[-1].diagnostics,
+    )
 
 
 @dataclass
@@ -113,6 +137,12 @@ def _reference(ctx: RoundContext) -> tuple[Tensor, float]:
         **ctx.engine,
     )
     return grad.detach(), float(value)
+
+
+def _index_in(all_positions: Tensor, subset: Tensor) -> Tensor:
+    """Indices of ``subset`` within ``all_positions`` (both pool positions)."""
+    where = {int(p): i for i, p in enumerate(all_positions.tolist())}
+    return torch.tensor([where[int(p)] for p in subset.tolist()], dtype=torch.long)
 
 
 def _check_max_tasks(owner: str, value: int | None) -> None:
@@ -160,22 +190,13 @@ class RoundEstimator:
 
     def settings(self) -> dict[str, Any]:
         """The estimator's settings, for the logger's hyperparameters."""
-        values = asdict(self) if hasattr(self, "__dataclass_fields__") else {}
-        return {"name": self.name} | {k: _plain(v) for k, v in values.items()}
+        return {"name": self.name} | plain_settings(self)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, SolverSettings):
-        return {"name": value.name} | value.options()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 @dataclass
@@ -270,11 +291,14 @@ class Checkpoints(RoundEstimator):
         _check_max_tasks("Checkpoints", self.max_tasks)
 
     def score(self, ctx: RoundContext) -> RoundScores:
-        ids = torch.as_tensor(ctx.pool.task_ids)[ctx.positions]
+        return _in_slices(ctx, lambda positions: self._score(ctx, positions))
+
+    def _score(self, ctx: RoundContext, positions: Tensor) -> RoundScores:
+        ids = torch.as_tensor(ctx.pool.task_ids)[positions]
         out = point_scores(
             ctx.problem,
             ctx.params,
-            ctx.pool.batch(ctx.positions),
+            ctx.pool.batch(positions),
             None if ctx.utility is not None else ctx.reference,
             utility=ctx.utility,
             task_ids=ids,
@@ -283,11 +307,11 @@ class Checkpoints(RoundEstimator):
             keep_gradients=ctx.store is not None,
             **ctx.engine,
         )
-        weights = ctx.weights.to(torch.float64)
+        weights = ctx.weights[_index_in(ctx.positions, positions)].to(torch.float64)
         if ctx.store is not None:
             ctx.store.write_checkpoint(ctx.step, 1.0, ids, out["rows"])
         return RoundScores(
-            ctx.positions,
+            positions,
             weights * out["dots"].detach().to("cpu", torch.float64),
             weights * out["self"].detach().to("cpu", torch.float64),
             {"reference_loss": out["reference_value"]},
@@ -433,25 +457,28 @@ class Ensemble(RoundEstimator):
         _check_max_tasks("Ensemble", self.max_tasks)
 
     def score(self, ctx: RoundContext) -> RoundScores:
+        return _in_slices(ctx, lambda positions: self._score(ctx, positions))
+
+    def _score(self, ctx: RoundContext, positions: Tensor) -> RoundScores:
         result = task_influence(
             ctx.problem,
             ctx.params,
-            ctx.pool.batch(ctx.positions),
+            ctx.pool.batch(positions),
             None if ctx.utility is not None else ctx.reference,
             utility=ctx.utility,
-            task_ids=torch.as_tensor(ctx.pool.task_ids)[ctx.positions],
+            task_ids=torch.as_tensor(ctx.pool.task_ids)[positions],
             estimator="ensemble",
             noise_copies=self.copies,
             noise_std=self.std,
-            seed=ctx.seed * 7919 + ctx.round_index,
+            seed=ctx.seed * 7919 + ctx.round_index,  # the same perturbed copies for every slice of the pool
             projection=ctx.projection,
-            task_weights=ctx.weights,
+            task_weights=ctx.weights[_index_in(ctx.positions, positions)],
             with_self_influence=True,
             **ctx.engine,
         )
         value = result.diagnostics.get("reference_value", math.nan)
         return RoundScores(
-            ctx.positions,
+            positions,
             result.scores.detach().to("cpu", torch.float64),
             result.self_influence.detach().to("cpu", torch.float64),
             {"reference_loss": float(value) if isinstance(value, (int, float)) else math.nan},

@@ -298,3 +298,48 @@ def test_runs_sharing_a_log_dir_do_not_mix_their_files(tmp_path):
         trainer(tmp_path, [influence], max_epochs=1, logger=False).fit(tiny_maml(), datamodule=dm)
     assert sorted(p.name for p in tmp_path.glob("metaif*")) == ["metaif", "metaif_1"]
     assert len(list((tmp_path / "metaif_1").glob("scores_round_*.csv"))) == 1
+
+
+def test_documented_wandb_keys_are_the_logged_ones(tmp_path):
+    """Every `influence/...` key that docs/dashboard.md names is a history key of a real offline run (or the
+    prefix of a family such as influence/recall@...), and tables are logged every n rounds as configured."""
+    import re
+    from pathlib import Path
+
+    seed_all(0)
+    dm, corruption = digits_setup()
+    influence = MetaInfluence(
+        "trajectory",
+        actions=[
+            PruningPolicy(fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.2, only_harmful=False)
+        ],
+        samples=SampleInfluence(top_k=1),
+        ground_truth=corruption.task_ids,
+        dashboard_every_n_rounds=2,
+        verbose=False,
+    )
+    dm.task_state = influence.task_state
+    logger = WandbLogger(project="metaif-test", save_dir=str(tmp_path), mode="offline")
+    try:
+        trainer(tmp_path, [influence], max_epochs=3, logger=logger).fit(tiny_maml(), datamodule=dm)
+    finally:
+        wandb.finish()
+    run = read_run(tmp_path)
+    logged = run.keys()
+    text = (Path(__file__).parents[1] / "docs" / "dashboard.md").read_text()
+    documented = set(re.findall(r"`(influence/[A-Za-z0-9_@%]+)`", text))
+    assert len(documented) >= 12
+    panels = {
+        "influence/top_harmful",
+        "influence/top_helpful",
+        "influence/score_hist",
+        "influence/score_stats",
+        "influence/detection",
+    }  # chart panels: their data are the documented *_table keys
+    missing = {k for k in documented - panels if k not in logged and not any(x.startswith(k) for x in logged)}
+    assert not missing, f"documented but never logged: {sorted(missing)}"
+    # scalars every round (3 rounds), tables at rounds 1 and 3 (every 2nd round, and the last)
+    assert len(run.values("influence/score_median")) == 3
+    assert len(run.values("influence/tasks")) == 2
+    labels = [row[0] for row in run.table("influence/top_harmful_table")["data"]]
+    assert any("[corrupted]" in label for label in labels)

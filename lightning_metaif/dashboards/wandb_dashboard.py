@@ -169,6 +169,7 @@ class WandbDashboard:
         self.step_key = step_key
         self.every_n_rounds = every_n_rounds
         self.rounds_seen = 0
+        self.last_skipped = False
         self.history: list[dict[str, float]] = []
         self._defined = False
 
@@ -213,7 +214,8 @@ class WandbDashboard:
 
         data: dict[str, Any] = {k: v for k, v in current.items()} if scalars else {}
         self.rounds_seen += 1
-        if final or (self.rounds_seen - 1) % self.every_n_rounds == 0:
+        self.last_skipped = not (final or (self.rounds_seen - 1) % self.every_n_rounds == 0)
+        if not self.last_skipped:
             data.update(self._task_table(round))
             data.update(self._bars(round))
             data.update(self._histogram(round))

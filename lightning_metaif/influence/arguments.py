@@ -11,6 +11,9 @@ from lightning_metaif.influence.checks import check_number
 from lightning_metaif.influence.solvers import SOLVERS
 
 ESTIMATORS = ("task_if", "direct_if", "tracin", "ensemble", "self")
+ENGINE_SOLVERS = (*SOLVERS, "ekfac")
+"""The iterative / direct solvers of :mod:`~lightning_metaif.influence.solvers`, plus ``"ekfac"`` (a fitted
+approximate inverse of the Gauss–Newton curvature, :mod:`~lightning_metaif.influence.ekfac`)."""
 
 DEFAULT_DAMPING = 1e-3
 """A small fixed ``δ`` in ``(H + δI)`` (the estimators' default is ``damping="auto"``, relative to the
@@ -26,12 +29,12 @@ def check_common(estimator: str, solver: str, damping: float | str) -> None:
         >>> check_common("task_if", "newton", 1e-3)
         Traceback (most recent call last):
         ...
-        ValueError: Unknown solver 'newton'; choose one of ('identity', 'dense', 'cg', 'lissa', 'arnoldi').
+        ValueError: Unknown solver 'newton'; choose one of ('identity', 'dense', 'cg', 'lissa', 'arnoldi', 'ekfac').
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"Unknown estimator {estimator!r}; choose one of {ESTIMATORS}.")
-    if solver not in SOLVERS:
-        raise ValueError(f"Unknown solver {solver!r}; choose one of {SOLVERS}.")
+    if solver not in ENGINE_SOLVERS:
+        raise ValueError(f"Unknown solver {solver!r}; choose one of {ENGINE_SOLVERS}.")
     if isinstance(damping, str):
         if damping != "auto":
             raise ValueError(f"damping must be 'auto' or a finite number >= 0, got {damping!r}.")
@@ -70,4 +73,11 @@ def task_weight_vector(task_weights: Any, num_tasks: int, like: Tensor) -> Tenso
     return weights
 
 
-__all__ = ["DEFAULT_DAMPING", "ESTIMATORS", "check_common", "check_reference", "task_weight_vector"]
+__all__ = [
+    "DEFAULT_DAMPING",
+    "ENGINE_SOLVERS",
+    "ESTIMATORS",
+    "check_common",
+    "check_reference",
+    "task_weight_vector",
+]

@@ -23,10 +23,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lightning_metaif.influence.ekfac import EKFAC
 from lightning_metaif.influence.gauss_newton import GaussNewton, check_gauss_newton_problem, has_gauss_newton
 from lightning_metaif.influence.hessian import TotalHessian
 from lightning_metaif.influence.problem import Params
-from lightning_metaif.influence.solvers import DenseMatrix, SolverError, SolveResult, solve
+from lightning_metaif.influence.solvers import DenseMatrix, SolverError, SolveResult, check_finite, solve
 from lightning_metaif.influence.tasks import Tasks
 
 Curvature = Literal["auto", "gauss_newton", "exact", "gamma"]
@@ -125,8 +126,23 @@ class DampedCurvature:
         self.solver = solver
         self.curvature = resolve_curvature(problem, curvature)
         self.options = dict(solver_options or {})
+        if solver == "ekfac":
+            if self.curvature != "gauss_newton":
+                raise ValueError(
+                    f"solver='ekfac' approximates the Gauss–Newton curvature, not curvature={curvature!r}: pass "
+                    "curvature='gauss_newton' (or 'auto' with a problem that has query_outputs/output_loss)."
+                )
+            unknown = set(self.options) - {"fit_tasks", "draws"}
+            if unknown:
+                raise ValueError(
+                    f"solver='ekfac' takes solver_options fit_tasks and draws, not {sorted(unknown)}."
+                )
+            self.operator: Any = EKFAC(problem, params, tasks, seed=seed, **self.options, **kwargs)
+            self.products = 0
+            self.damping, self.damping_info = self._choose_damping(damping, seed)
+            return
         if self.curvature == "gauss_newton":
-            self.operator: Any = GaussNewton(problem, params, tasks, **kwargs)
+            self.operator = GaussNewton(problem, params, tasks, **kwargs)
         else:
             self.operator = TotalHessian(problem, params, tasks, curvature=self.curvature, **kwargs)
         if solver == "dense":
@@ -139,8 +155,11 @@ class DampedCurvature:
             return float(damping), {"damping_rule": "user"}
         if self.solver == "identity":
             return 0.0, {"damping_rule": "auto", "note": "solver='identity' ignores the curvature"}
-        mean, spread = mean_eigenvalue(self.operator, seed=seed)
-        if not isinstance(self.operator, DenseMatrix):
+        if isinstance(self.operator, EKFAC):  # the fitted eigenvalues give the trace for free
+            mean, spread = self.operator.mean_eigenvalue, 0.0
+        else:
+            mean, spread = mean_eigenvalue(self.operator, seed=seed)
+        if not isinstance(self.operator, (DenseMatrix, EKFAC)):
             self.products += AUTO_DAMPING_PROBES
         info = {
             "damping_rule": "auto",
@@ -157,6 +176,17 @@ class DampedCurvature:
 
     def solve(self, rhs: Tensor) -> SolveResult:
         """``(H + δI)^{-1} rhs`` with the chosen solver (arnoldi's eigenpairs are kept for later solves)."""
+        if isinstance(self.operator, EKFAC):
+            solution = self.operator.solve(rhs, self.damping)
+            check_finite(solution, "ekfac", "check the tasks for non-finite outputs, or raise the damping.")
+            extra = {
+                "fit_tasks": self.operator.fit_tasks,
+                "draws": "exact" if self.operator.exact_expectation else self.operator.draws,
+                "fit_seconds": self.operator.fit_seconds,
+                "factor_bytes": self.operator.memory_bytes(),
+                "layers": [layer.module for layer in self.operator.layers],
+            }
+            return SolveResult(solution, "ekfac", self.damping, 0, float("nan"), True, extra)
         result = solve(self.operator, rhs, method=self.solver, damping=self.damping, **self.options)
         self.products += int(result.extra.get("products", result.iterations))
         if self.solver == "arnoldi" and "inverse" in result.extra:
@@ -167,6 +197,8 @@ class DampedCurvature:
         """``g_kᵀ (H + δI)^{-1} g_k`` for each row (one solve per row; one eigendecomposition for dense)."""
         if self.solver == "identity":
             return (rows * rows).sum(1)
+        if isinstance(self.operator, EKFAC):
+            return (rows * self.operator.solve(rows, self.damping)).sum(1)
         if self.solver == "dense":
             eigenvalues, eigenvectors = torch.linalg.eigh(self.operator.matrix)
             shifted = eigenvalues + self.damping

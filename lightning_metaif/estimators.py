@@ -327,11 +327,13 @@ class TaskIF(RoundEstimator):
     each round reports, and actions act on, the tasks scored in that round only.
 
     Args:
-        solver: a name (``"cg"``, ``"dense"``, ``"lissa"``, ``"arnoldi"``, ``"identity"``) or settings
-            (``CG(max_iterations=200)``, ... from :mod:`lightning_metaif.influence.solvers`).
+        solver: a name (``"cg"``, ``"dense"``, ``"lissa"``, ``"arnoldi"``, ``"identity"``, ``"ekfac"``) or
+            settings (``CG(max_iterations=200)``, ``EKFAC(fit_tasks=256)``, ... from
+            :mod:`lightning_metaif.influence.solvers`).
         damping: ``δ``; ``None`` uses the engine's default.
         l2: the L2 coefficient of the training objective (part of ``H``).
-        curvature: ``None`` (the engine's default), ``"exact"`` or another curvature the engine offers.
+        curvature: ``None`` (the engine's default: Gauss–Newton where the module exposes ``query_outputs``,
+            as ``MAML`` does), ``"gauss_newton"``, ``"exact"`` or ``"gamma"``.
         on_error: ``"warn"``: a failed solve warns and the round's scores are NaN (nothing acts on them);
             ``"raise"``: training stops with the :class:`~lightning_metaif.influence.solvers.SolverError`.
         max_tasks: a seeded random sample of at most this many kept tasks per round (``None``: all).

@@ -6,7 +6,7 @@ from problems import classification_tasks
 from scipy.stats import spearmanr
 from torch import nn
 
-from lightning_metaif.influence.ekfac import EKFAC
+from lightning_metaif.influence.ekfac import EKFACFactors
 from lightning_metaif.influence.estimators import task_influence
 from lightning_metaif.influence.gauss_newton import GaussNewton
 from lightning_metaif.influence.problem import ParamLayout
@@ -29,7 +29,7 @@ def test_eigenvalues_are_the_gauss_newton_diagonal_in_the_kronecker_basis():
     """With the exact expectation (few outputs) over every task, Λ + l2 = diag(Qᵀ G Q) of the dense GN."""
     problem, params, tasks = sinusoid_maml()
     weights = torch.linspace(0.5, 1.5, len(tasks), dtype=torch.float64)
-    ekfac = EKFAC(problem, params, tasks, task_weights=weights, l2=L2, fit_tasks=len(tasks))
+    ekfac = EKFACFactors(problem, params, tasks, task_weights=weights, l2=L2, fit_tasks=len(tasks))
     assert ekfac.exact_expectation and [layer.module for layer in ekfac.layers] == [
         "backbone.0",
         "backbone.2",
@@ -91,3 +91,20 @@ def test_ekfac_task_if_matches_leave_one_task_out_retraining():
     # self-influence through the same fitted factors: one cheap product per task
     both = task_influence(problem, fit.params, train, ref, l2=L2, solver="ekfac", with_self_influence=True)
     assert torch.isfinite(both.self_influence).all() and (both.self_influence > 0).all()
+
+
+def test_callback_task_if_passes_ekfac_through(tmp_path):
+    from metaif_helpers import digits_setup, seed_all, tiny_maml, trainer
+
+    from lightning_metaif.callback import MetaInfluence
+    from lightning_metaif.estimators import TaskIF
+    from lightning_metaif.influence.solvers import EKFAC
+
+    seed_all(0)
+    influence = MetaInfluence(TaskIF(solver=EKFAC(fit_tasks=16), l2=0.01, max_tasks=16), verbose=False)
+    dm, _ = digits_setup(corrupt=0)
+    trainer(tmp_path, [influence], max_epochs=1).fit(tiny_maml(), datamodule=dm)
+    assert influence.rounds == 1 and int(influence.result.scored.sum()) == 16
+    last = influence.history[-1]
+    assert last["influence/solver_failed"] == 0.0 and last["influence/damping"] > 0
+    assert torch.isfinite(influence.result.scores[influence.result.scored]).all()

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_metaif.influence.ekfac import EKFAC
+from lightning_metaif.influence.ekfac import EKFACFactors
 from lightning_metaif.influence.gauss_newton import GaussNewton, check_gauss_newton_problem, has_gauss_newton
 from lightning_metaif.influence.hessian import TotalHessian
 from lightning_metaif.influence.problem import Params
@@ -137,7 +137,7 @@ class DampedCurvature:
                 raise ValueError(
                     f"solver='ekfac' takes solver_options fit_tasks and draws, not {sorted(unknown)}."
                 )
-            self.operator: Any = EKFAC(problem, params, tasks, seed=seed, **self.options, **kwargs)
+            self.operator: Any = EKFACFactors(problem, params, tasks, seed=seed, **self.options, **kwargs)
             self.products = 0
             self.damping, self.damping_info = self._choose_damping(damping, seed)
             return
@@ -155,11 +155,11 @@ class DampedCurvature:
             return float(damping), {"damping_rule": "user"}
         if self.solver == "identity":
             return 0.0, {"damping_rule": "auto", "note": "solver='identity' ignores the curvature"}
-        if isinstance(self.operator, EKFAC):  # the fitted eigenvalues give the trace for free
+        if isinstance(self.operator, EKFACFactors):  # the fitted eigenvalues give the trace for free
             mean, spread = self.operator.mean_eigenvalue, 0.0
         else:
             mean, spread = mean_eigenvalue(self.operator, seed=seed)
-        if not isinstance(self.operator, (DenseMatrix, EKFAC)):
+        if not isinstance(self.operator, (DenseMatrix, EKFACFactors)):
             self.products += AUTO_DAMPING_PROBES
         info = {
             "damping_rule": "auto",
@@ -176,7 +176,7 @@ class DampedCurvature:
 
     def solve(self, rhs: Tensor) -> SolveResult:
         """``(H + δI)^{-1} rhs`` with the chosen solver (arnoldi's eigenpairs are kept for later solves)."""
-        if isinstance(self.operator, EKFAC):
+        if isinstance(self.operator, EKFACFactors):
             solution = self.operator.solve(rhs, self.damping)
             check_finite(solution, "ekfac", "check the tasks for non-finite outputs, or raise the damping.")
             extra = {
@@ -197,7 +197,7 @@ class DampedCurvature:
         """``g_kᵀ (H + δI)^{-1} g_k`` for each row (one solve per row; one eigendecomposition for dense)."""
         if self.solver == "identity":
             return (rows * rows).sum(1)
-        if isinstance(self.operator, EKFAC):
+        if isinstance(self.operator, EKFACFactors):
             return (rows * self.operator.solve(rows, self.damping)).sum(1)
         if self.solver == "dense":
             eigenvalues, eigenvectors = torch.linalg.eigh(self.operator.matrix)

@@ -111,7 +111,7 @@ def kronecker_layers(problem: Any, params: Params) -> list[KroneckerLayer]:
     return layers
 
 
-class EKFAC:
+class EKFACFactors:
     """Eigenvalue-corrected Kronecker factors of the Gauss–Newton total curvature, fitted once.
 
     Args:
@@ -136,7 +136,7 @@ class EKFAC:
         >>> model = MAML(torch.nn.Linear(2, 3), inner_lr=0.1).double()
         >>> tasks = TaskBatch(torch.randn(8, 6, 2, dtype=torch.float64), torch.randint(0, 3, (8, 6)),
         ...                   torch.randn(8, 9, 2, dtype=torch.float64), torch.randint(0, 3, (8, 9)), torch.arange(8))
-        >>> ekfac = EKFAC(model, model.meta_parameters(), tasks, l2=0.1)
+        >>> ekfac = EKFACFactors(model, model.meta_parameters(), tasks, l2=0.1)
         >>> [layer.module for layer in ekfac.layers], ekfac.solve(torch.ones(9), damping=0.0).shape
         (['backbone'], torch.Size([9]))
     """
@@ -332,4 +332,4 @@ class EKFAC:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-__all__ = ["EKFAC", "KroneckerLayer", "SUPPORTED_LAYERS", "kronecker_layers"]
+__all__ = ["EKFACFactors", "KroneckerLayer", "SUPPORTED_LAYERS", "kronecker_layers"]

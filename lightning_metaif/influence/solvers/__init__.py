@@ -21,6 +21,7 @@ from lightning_metaif.influence.solvers.base import (
 from lightning_metaif.influence.solvers.dense import dense_solve, identity_solve
 from lightning_metaif.influence.solvers.settings import (
     CG,
+    EKFAC,
     Arnoldi,
     Dense,
     Identity,
@@ -70,11 +71,17 @@ def solve(
         from lightning_metaif.influence.solvers.arnoldi import arnoldi_solve
 
         return arnoldi_solve(operator, rhs, damping=damping, **options)
+    if method == "ekfac":
+        raise ValueError(
+            "solver='ekfac' is fitted from the problem's layers, not from Hessian-vector products: use it through "
+            "task_influence(..., solver='ekfac') or TaskIF(solver='ekfac')."
+        )
     raise ValueError(f"Unknown solver {method!r}; choose one of {SOLVERS}.")
 
 
 __all__ = [
     "CG",
+    "EKFAC",
     "SOLVERS",
     "Arnoldi",
     "Dense",

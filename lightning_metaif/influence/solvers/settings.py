@@ -11,7 +11,17 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-__all__ = ["CG", "SOLVER_SETTINGS", "Arnoldi", "Dense", "Identity", "LiSSA", "SolverSettings", "as_solver"]
+__all__ = [
+    "CG",
+    "EKFAC",
+    "SOLVER_SETTINGS",
+    "Arnoldi",
+    "Dense",
+    "Identity",
+    "LiSSA",
+    "SolverSettings",
+    "as_solver",
+]
 
 
 def _positive_int(owner: str, name: str, value: Any) -> None:
@@ -114,8 +124,31 @@ class Arnoldi(SolverSettings):
             _positive_int("Arnoldi", "iterations", self.iterations)
 
 
+@dataclass(frozen=True)
+class EKFAC(SolverSettings):
+    """EK-FAC of the Gauss–Newton total curvature, fitted once on ``fit_tasks`` tasks (default ``min(M, 256)``).
+
+    ``draws``: random output-space cotangents per fitted task (default: about 128 samples in all); tasks with
+    few query outputs use the exact expectation instead. Only through ``task_influence`` / ``TaskIF`` (it
+    needs the problem's layers, not just Hessian-vector products); see :mod:`lightning_metaif.influence.ekfac`.
+
+    Example:
+        >>> EKFAC(fit_tasks=64).options()
+        {'fit_tasks': 64}
+    """
+
+    name: ClassVar[str] = "ekfac"
+    fit_tasks: int | None = None
+    draws: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("fit_tasks", "draws"):
+            if getattr(self, name) is not None:
+                _positive_int("EKFAC", name, getattr(self, name))
+
+
 SOLVER_SETTINGS: dict[str, type[SolverSettings]] = {
-    cls.name: cls for cls in (Identity, Dense, CG, LiSSA, Arnoldi)
+    cls.name: cls for cls in (Identity, Dense, CG, LiSSA, Arnoldi, EKFAC)
 }
 
 
@@ -128,7 +161,7 @@ def as_solver(value: str | SolverSettings, *, argument: str = "solver") -> Solve
         >>> as_solver("newton")
         Traceback (most recent call last):
         ...
-        ValueError: solver='newton' is not a solver; choose one of ('identity', 'dense', 'cg', 'lissa', 'arnoldi') or pass CG(...), LiSSA(...), ... from lightning_metaif.influence.solvers.
+        ValueError: solver='newton' is not a solver; choose one of ('identity', 'dense', 'cg', 'lissa', 'arnoldi', 'ekfac') or pass CG(...), LiSSA(...), ... from lightning_metaif.influence.solvers.
     """
     if isinstance(value, SolverSettings):
         return value

@@ -2,10 +2,14 @@
 
 Two paths compute the same numbers:
 
-* ``vmap``: a :class:`~lightning_metaif.influence.tasks.TaskBatch` is split into chunks and each chunk's
-  per-task gradients come from one ``torch.func.vmap(torch.func.grad_and_value(task_loss))`` call;
+* ``vmap``: a :class:`~lightning_metaif.influence.tasks.TaskBatch` (or a list of equal-shape
+  :class:`~lightning_metaif.influence.tasks.Task` objects, stacked into one) is split into chunks and each
+  chunk's per-task gradients come from one ``torch.func.vmap(torch.func.grad_and_value(task_loss))`` call;
 * ``loop``: any sequence of task objects, one ``torch.autograd.grad`` per task (works for code ``torch.func``
   cannot transform, e.g. ``higher``).
+
+With ``vectorize="auto"`` tasks that can be batched take whichever path was faster on their first chunk
+(:func:`~lightning_metaif.influence.paths.choose_path`).
 """
 
 from __future__ import annotations
@@ -18,22 +22,43 @@ from torch import Tensor
 from torch.func import grad_and_value, vmap
 
 from lightning_metaif.influence.problem import ParamLayout, Params, check_problem, detached, trainable
-from lightning_metaif.influence.tasks import Task, TaskBatch, Tasks, iter_chunks, resolve_task_ids
+from lightning_metaif.influence.paths import choose_path
+from lightning_metaif.influence.tasks import Task, TaskBatch, Tasks, iter_chunks, resolve_task_ids, stackable
 
 Vectorize = Literal["auto", "vmap", "loop"]
 Utility = Callable[[Params], Tensor]
 
 
-def use_vmap(tasks: Tasks, vectorize: Vectorize) -> bool:
-    """Whether to take the ``vmap`` path; raises when ``vmap`` is asked for tasks it cannot batch."""
+def check_vectorize(vectorize: Any) -> None:
     if vectorize not in ("auto", "vmap", "loop"):
         raise ValueError(f"vectorize must be 'auto', 'vmap' or 'loop', got {vectorize!r}.")
-    if vectorize == "vmap" and not isinstance(tasks, TaskBatch):
+
+
+def batch_for(tasks: Tasks, vectorize: Vectorize, task_ids: Tensor | None = None) -> TaskBatch | None:
+    """The tasks as one :class:`TaskBatch` when the ``vmap`` path may run on them, else ``None`` (loop only).
+
+    Raises when ``vectorize="vmap"`` is asked for tasks that cannot be batched.
+    """
+    check_vectorize(vectorize)
+    if vectorize == "loop":
+        return None
+    batch = stackable(tasks, task_ids)
+    if batch is None and vectorize == "vmap":
         raise ValueError(
-            "vectorize='vmap' needs the tasks as a TaskBatch (stacked tensors); pass a TaskBatch or use "
-            "vectorize='loop' for a plain sequence of tasks."
+            "vectorize='vmap' needs the tasks as a TaskBatch or a list of Task objects of equal shapes; pass "
+            "one of those or use vectorize='loop' (or 'auto') for other task objects."
         )
-    return isinstance(tasks, TaskBatch) and vectorize != "loop"
+    return batch
+
+
+def use_vmap(tasks: Tasks, vectorize: Vectorize) -> bool:
+    """Whether ``tasks`` are a :class:`TaskBatch` that the ``vmap`` path may take (no measurement)."""
+    return batch_for(tasks, vectorize) is not None and isinstance(tasks, TaskBatch)
+
+
+def batch_signature(batch: TaskBatch) -> tuple[Any, ...]:
+    """Per-task shapes, dtypes and device of a batch: what a path choice depends on (not its length)."""
+    return tuple((tuple(v.shape[1:]), v.dtype, v.device) for v in task_tensors(batch))
 
 
 def batched_task_loss(problem: Any) -> Callable[..., Tensor]:
@@ -94,10 +119,12 @@ def per_task_gradients(
     Args:
         problem: an object with ``task_loss(params, task, support_weights=None, query_weights=None)``.
         params: meta-parameters; those that require grad are differentiated (in dict order).
-        tasks: a :class:`TaskBatch` (vmapped in chunks) or a sequence of task objects (looped).
+        tasks: a :class:`TaskBatch`, a list of equal-shape :class:`Task` objects (stacked into one), or any
+            sequence of task objects (looped).
         task_ids: ids for a plain sequence without ``task_id`` attributes (validated, must be distinct).
         chunk_size: tasks per ``vmap`` call; bounds memory to ``chunk_size`` gradients at once.
-        vectorize: ``"auto"`` (vmap for a TaskBatch), ``"vmap"`` or ``"loop"``.
+        vectorize: ``"auto"`` (tasks that can be batched: time ``vmap`` and the loop on the first chunk and
+            keep the faster, see :mod:`~lightning_metaif.influence.paths`), ``"vmap"`` or ``"loop"``.
         transform: applied to each chunk of flat gradients ``[c, p]`` before it is kept, e.g. a random
             projection to ``[c, d]``, so that the full ``[M, p]`` matrix never exists.
 
@@ -119,36 +146,59 @@ def per_task_gradients(
     params = trainable(params)
     ids = resolve_task_ids(tasks, task_ids)
     layout = ParamLayout.of(params)
+    batch = batch_for(tasks, vectorize, ids)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+
+    def loop_chunk(chunk: Sequence[Any], chunk_ids: Tensor) -> tuple[Tensor, Tensor]:
+        rows, losses = [], []
+        for task, task_id in zip(chunk, chunk_ids.tolist()):
+            loss = check_loss(problem.task_loss(leaves, task), int(task_id))
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
+            rows.append(layout.flatten(grads).detach())
+            losses.append(loss.detach())
+        flat = torch.stack(rows)
+        _raise_non_finite(flat, chunk_ids, "gradient")
+        return flat, torch.stack(losses)
+
+    if batch is None:
+        grad_chunks, loss_chunks = [], []
+        for start, chunk in iter_chunks(tasks, chunk_size):
+            flat, losses = loop_chunk(chunk, ids[start : start + len(chunk)])
+            grad_chunks.append(transform(flat) if transform is not None else flat)
+            loss_chunks.append(losses)
+        return torch.cat(grad_chunks), torch.cat(loss_chunks)
+
+    with torch.no_grad():
+        check_loss(problem.task_loss(detached(params), batch[0]), int(ids[0]))
+    grad_fn = vmap(grad_and_value(batched_task_loss(problem)), in_dims=(None, 0, 0, 0, 0))
+
+    def vmap_chunk(chunk: TaskBatch, chunk_ids: Tensor) -> tuple[Tensor, Tensor]:
+        grads, losses = grad_fn(detached(params), *task_tensors(chunk))
+        flat = layout.flatten(grads).detach()
+        _raise_non_finite(losses.detach()[:, None], chunk_ids, "task loss")
+        _raise_non_finite(flat, chunk_ids, "gradient")
+        return flat, losses.detach()
+
+    key = ("gradients", chunk_size, batch_signature(batch), layout.shapes)
     grad_chunks, loss_chunks = [], []
-    if use_vmap(tasks, vectorize):
-        with torch.no_grad():
-            check_loss(problem.task_loss(detached(params), tasks[0]), int(ids[0]))
-        grad_fn = vmap(grad_and_value(batched_task_loss(problem)), in_dims=(None, 0, 0, 0, 0))
-        for start, chunk in iter_chunks(tasks, chunk_size):
-            grads, losses = grad_fn(detached(params), *task_tensors(chunk))
-            flat = layout.flatten(grads).detach()
-            chunk_ids = ids[start : start + len(chunk)]
-            _raise_non_finite(losses.detach()[:, None], chunk_ids, "task loss")
-            _raise_non_finite(flat, chunk_ids, "gradient")
-            grad_chunks.append(transform(flat) if transform is not None else flat)
-            loss_chunks.append(losses.detach())
-    else:
-        leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-        for start, chunk in iter_chunks(tasks, chunk_size):
-            rows, losses = [], []
-            for offset, task in enumerate(chunk):
-                task_id = int(ids[start + offset])
-                loss = check_loss(problem.task_loss(leaves, task), task_id)
-                grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-                grads = {
-                    k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)
-                }
-                rows.append(layout.flatten(grads).detach())
-                losses.append(loss.detach())
-            flat = torch.stack(rows)
-            _raise_non_finite(flat, ids[start : start + len(chunk)], "gradient")
-            grad_chunks.append(transform(flat) if transform is not None else flat)
-            loss_chunks.append(torch.stack(losses))
+    for start, chunk in iter_chunks(batch, chunk_size):
+        chunk_ids = ids[start : start + len(chunk)]
+        if vectorize == "vmap":
+            flat, losses = vmap_chunk(chunk, chunk_ids)
+        else:
+            _, (flat, losses) = choose_path(
+                problem,
+                key,
+                {
+                    "vmap": lambda: vmap_chunk(chunk, chunk_ids),
+                    "loop": lambda: loop_chunk(list(chunk), chunk_ids),
+                },
+                what=f"per-task gradients of {type(problem).__name__} ({len(chunk)} tasks)",
+                device=chunk.support_x.device,
+            )
+        grad_chunks.append(transform(flat) if transform is not None else flat)
+        loss_chunks.append(losses)
     return torch.cat(grad_chunks), torch.cat(loss_chunks)
 
 

@@ -2,9 +2,18 @@
 
 ``F(λ) = (1/M) Σ_k w_k ℓ_k(λ) + (l2/2)‖λ‖²``. :class:`TotalHessian` is a linear operator ``v ↦ ∇²F v``:
 
-* ``vmap`` path (TaskBatch): forward-over-reverse, ``jvp(grad(Σ_chunk w_k ℓ_k), λ, v)``: the exact product,
-  third-order terms of the inner loss included, one call per chunk of tasks;
-* ``loop`` path (any task sequence): reverse-over-reverse double backward per task with ``torch.autograd``.
+Products are exact (third-order terms of the inner loss included) and reverse-over-reverse: for each chunk of
+tasks the gradient ``G(λ) = ∇ Σ_chunk w_k ℓ_k`` is built once with ``create_graph=True`` and *kept*; every
+product is then one backward of ``G·v`` through that graph (one autograd call per chunk and product, instead
+of re-running the forward, the inner gradient and the double backward each time), and a block of vectors
+``V [n, p]`` is one batched backward (``is_grads_batched``), which builds dense Hessians and serves block
+solves. The chunk's forward is either one ``vmap`` over a :class:`TaskBatch` (or an equal-shape list of
+:class:`Task` objects) or a loop over the tasks; with ``vectorize="auto"`` both are timed on the first chunk
+and the faster is kept (:mod:`~lightning_metaif.influence.paths`).
+
+Memory: the kept graphs hold every chunk's activations (through the inner loop). When the first chunk's graph
+times the number of chunks would exceed ``graph_memory`` bytes, the graphs are rebuilt for every product
+instead (same numbers, the old cost).
 
 Damping is not part of the operator: the solvers add ``δ v`` explicitly.
 """
@@ -21,11 +30,13 @@ from torch.func import grad, jvp, vmap
 from lightning_metaif.influence.checks import check_number
 from lightning_metaif.influence.gradients import (
     Vectorize,
+    batch_for,
+    batch_signature,
     batched_task_loss,
     check_loss,
     task_tensors,
-    use_vmap,
 )
+from lightning_metaif.influence.paths import choose_path
 from lightning_metaif.influence.problem import ParamLayout, Params, check_problem, detached, trainable
 from lightning_metaif.influence.tasks import (
     Task,
@@ -50,7 +61,10 @@ class TotalHessian:
         l2: coefficient of ``(l2/2)‖λ‖²`` in ``F``.
         curvature: ``"exact"`` (default) or ``"gamma"``: Ren et al.'s surrogate, the Gauss-Newton-like part
             ``Jᵀ ∇²_θ L_O J`` plus ``Γ·I`` in place of the third-order term (needs ``adapt``/``outer_loss``).
-        chunk_size: tasks per vmapped HVP call.
+        chunk_size: tasks per chunk (one kept graph per chunk).
+        vectorize: ``"auto"`` (measure ``vmap`` against the loop on the first chunk), ``"vmap"`` or ``"loop"``.
+        graph_memory: the most bytes of kept graphs (estimated from the first chunk's saved tensors); above
+            it the graphs are rebuilt at every product. ``0`` never keeps them.
 
     Example:
         >>> import torch
@@ -75,6 +89,7 @@ class TotalHessian:
         curvature: Curvature = "exact",
         chunk_size: int = 16,
         vectorize: Vectorize = "auto",
+        graph_memory: int = 1 << 30,
     ) -> None:
         check_problem(problem)
         l2 = check_number(l2, "l2", minimum=0.0)
@@ -105,7 +120,11 @@ class TotalHessian:
         self.curvature = curvature
         self.chunk_size = chunk_size
         self.vectorize = vectorize
-        self._vmap = use_vmap(tasks, vectorize)
+        self.graph_memory = int(graph_memory)
+        self._batch = batch_for(tasks, vectorize, self.task_ids) if curvature == "exact" else None
+        self._path: str | None = "loop" if self._batch is None else ("vmap" if vectorize == "vmap" else None)
+        self._graphs: list[tuple[Params, list[Tensor]]] | None = None
+        self._keep_graphs = self.graph_memory > 0
         self._gamma: float | None = None
 
     @property
@@ -130,6 +149,8 @@ class TotalHessian:
         sub.tasks = select_tasks(self.tasks, index)
         sub.task_ids = self.task_ids[index]
         sub.task_weights = self.task_weights[index.to(self.task_weights.device)]
+        sub._batch = None if self._batch is None else self._batch[index]
+        sub._graphs = None
         sub._gamma = None
         return sub
 
@@ -137,55 +158,137 @@ class TotalHessian:
         """``∇²F v`` for a flat vector ``v`` of length :attr:`dim`."""
         if vector.shape != (self.dim,):
             raise ValueError(f"Expected a flat vector of shape ({self.dim},), got {tuple(vector.shape)}.")
-        tangent = self.layout.unflatten(vector.to(self.dtype))
         if self.curvature == "gamma":  # Γ is already a mean over tasks
+            tangent = self.layout.unflatten(vector.to(self.dtype))
             return self._gauss_newton_matvec(tangent) / len(self.tasks) + (self.gamma + self.l2) * vector
-        total = self._vmap_matvec(tangent) if self._vmap else self._loop_matvec(tangent)
-        return total / len(self.tasks) + self.l2 * vector
+        return self.matmat(vector[None])[0]
 
     __call__ = matvec
 
+    def matmat(self, vectors: Tensor) -> Tensor:
+        """``[∇²F v_1, ..., ∇²F v_n]`` as rows ``[n, p]`` for rows ``vectors [n, p]`` (one batched backward)."""
+        if vectors.dim() != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"Expected vectors of shape [n, {self.dim}], got {tuple(vectors.shape)}.")
+        if self.curvature == "gamma":
+            return torch.stack([self.matvec(v) for v in vectors])
+        vectors = vectors.to(self.dtype)
+        total = torch.zeros_like(vectors)
+        for index in range(self._num_chunks()):
+            total = total + self._chunk_products(index, vectors)
+        if not self._keep_graphs:
+            self._graphs = None
+        return total / len(self.tasks) + self.l2 * vectors
+
     def dense(self, chunk: int = 64) -> Tensor:
-        """Materialise ``∇²F`` as a ``[p, p]`` matrix (symmetrised); meant for small ``p`` (≲ 5,000)."""
+        """Materialise ``∇²F`` as a ``[p, p]`` matrix (symmetrised); meant for small ``p`` (≲ 5,000).
+
+        Built from batched products of ``chunk`` basis vectors at a time.
+        """
         if self.dim > 20_000:
             raise ValueError(
                 f"Refusing to materialise a {self.dim}x{self.dim} Hessian; use solver='cg', 'lissa' or 'arnoldi'."
             )
         eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
-        # On the vmap path the products of a chunk of basis vectors are one batched call (about 50x faster
-        # than one product at a time on a small MAML problem); the loop path goes column by column.
-        products = vmap(self.matvec) if self._vmap and self.curvature == "exact" else _stack_of(self.matvec)
-        matrix = torch.cat([products(eye[i : i + chunk]) for i in range(0, self.dim, chunk)]).T
+        matrix = torch.cat([self.matmat(eye[i : i + chunk]) for i in range(0, self.dim, chunk)])
         return 0.5 * (matrix + matrix.T)
 
-    def _vmap_matvec(self, tangent: Params) -> Tensor:
-        loss_fn = vmap(batched_task_loss(self.problem), in_dims=(None, 0, 0, 0, 0))
-        total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-        for start, chunk in iter_chunks(self.tasks, self.chunk_size):
-            weights = self.task_weights[start : start + len(chunk)]
+    # --- kept graphs ----------------------------------------------------------------------------------------
 
-            def weighted_sum(params: Params, chunk: TaskBatch = chunk, weights: Tensor = weights) -> Tensor:
-                return (weights * loss_fn(params, *task_tensors(chunk))).sum()
+    def _num_chunks(self) -> int:
+        return -(-len(self.tasks) // self.chunk_size)
 
-            _, product = jvp(grad(weighted_sum), (detached(self.params),), (tangent,))
-            total = total + self.layout.flatten(product).detach()
-        return total
+    def _chunk_graph(self, index: int, path: str) -> tuple[Params, list[Tensor]]:
+        """Leaves and ``∇ Σ_chunk w_k ℓ_k`` (with its graph) for chunk ``index`` by ``path``."""
+        start = index * self.chunk_size
+        stop = min(start + self.chunk_size, len(self.tasks))
+        weights = self.task_weights[start:stop]
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}
+        if path == "vmap":
+            chunk = self._batch[start:stop]
+            losses = vmap(batched_task_loss(self.problem), in_dims=(None, 0, 0, 0, 0))(
+                leaves, *task_tensors(chunk)
+            )
+            if not torch.isfinite(losses).all():
+                bad = chunk.task_ids[~torch.isfinite(losses.detach().cpu())].tolist()
+                raise ValueError(
+                    f"task_loss is not finite for tasks {bad[:10]}: check the tasks' data, lower the inner "
+                    "learning rate or the number of inner steps."
+                )
+            total = (weights * losses).sum()
+        else:
+            tasks = self._batch[start:stop] if self._batch is not None else self.tasks[start:stop]
+            total = sum(
+                weights[offset] * check_loss(self.problem.task_loss(leaves, task), int(self.task_ids[start + offset]))
+                for offset, task in enumerate(tasks)
+            )
+        grads = torch.autograd.grad(total, list(leaves.values()), create_graph=True, allow_unused=True)
+        kept = [g if g is not None and g.requires_grad else None for g in grads]
+        return leaves, kept
 
-    def _loop_matvec(self, tangent: Params) -> Tensor:
-        leaves = {k: v.clone().requires_grad_(True) for k, v in self.params.items()}
-        total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-        for position, task in enumerate(self.tasks):
-            loss = check_loss(self.problem.task_loss(leaves, task), int(self.task_ids[position]))
-            grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
-            dot = sum((g * tangent[k]).sum() for (k, g) in zip(leaves, grads) if g is not None)
-            if not isinstance(dot, Tensor) or not dot.requires_grad:
-                continue
-            product = torch.autograd.grad(dot, list(leaves.values()), allow_unused=True)
-            product = {
-                k: torch.zeros_like(v) if p is None else p for (k, v), p in zip(leaves.items(), product)
-            }
-            total = total + self.task_weights[position] * self.layout.flatten(product).detach()
-        return total
+    def _backward(self, graph: tuple[Params, list[Tensor]], vectors: Tensor) -> Tensor:
+        """Rows ``Σ_chunk w_k ∇²ℓ_k v_i`` of one chunk's kept graph, for rows ``vectors [n, p]``."""
+        leaves, grads = graph
+        tangents = self.layout.unflatten(vectors)
+        pairs = [(g, tangents[k]) for k, g in zip(leaves, grads) if g is not None]
+        if not pairs:
+            return torch.zeros_like(vectors)
+        outputs, inputs = [g for g, _ in pairs], list(leaves.values())
+        if vectors.shape[0] == 1:
+            products = torch.autograd.grad(
+                outputs, inputs, [t[0] for _, t in pairs], retain_graph=True, allow_unused=True
+            )
+            products = [None if p is None else p[None] for p in products]
+        else:
+            try:
+                products = torch.autograd.grad(
+                    outputs,
+                    inputs,
+                    [t for _, t in pairs],
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+            except RuntimeError:  # an op without a batching rule: one backward per vector
+                return torch.cat([self._backward(graph, v[None]) for v in vectors])
+        flat = {
+            k: torch.zeros(vectors.shape[0], *v.shape, dtype=v.dtype, device=v.device) if p is None else p
+            for (k, v), p in zip(leaves.items(), products)
+        }
+        return self.layout.flatten(flat).detach()
+
+    def _chunk_products(self, index: int, vectors: Tensor) -> Tensor:
+        if self._graphs is None:
+            self._graphs = [None] * self._num_chunks()  # type: ignore[list-item]
+        graph = self._graphs[index]
+        if graph is None:
+            if self._path is None:  # measure both paths on this chunk (build + one batched product)
+                results: dict[str, Any] = {}
+
+                def run(path: str) -> Tensor:
+                    results[path] = self._measured_graph(index, path)
+                    return self._backward(results[path], vectors)
+
+                key = ("hessian", self.chunk_size, batch_signature(self._batch), self.layout.shapes)
+                self._path, products = choose_path(
+                    self.problem,
+                    key,
+                    {"vmap": lambda: run("vmap"), "loop": lambda: run("loop")},
+                    what=f"Hessian products of {type(self.problem).__name__} ({self.chunk_size}-task chunks)",
+                    device=self.device,
+                )
+                self._graphs[index] = results[self._path]
+                return products
+            graph = self._measured_graph(index, self._path)
+            self._graphs[index] = graph
+        return self._backward(graph, vectors)
+
+    def _measured_graph(self, index: int, path: str) -> tuple[Params, list[Tensor]]:
+        """Build chunk ``index``'s graph; the first one decides, from its saved bytes, whether graphs are kept."""
+        graph = self._chunk_graph(index, path)
+        if index == 0 and self._keep_graphs:
+            self.graph_bytes = _saved_bytes(graph[1]) * self._num_chunks()
+            self._keep_graphs = self.graph_bytes <= self.graph_memory
+        return graph
 
     # --- Ren et al.'s Γ surrogate -------------------------------------------------------------------------
 
@@ -230,11 +333,33 @@ class TotalHessian:
         return total
 
 
-def _stack_of(matvec: Any) -> Any:
-    return lambda vectors: torch.stack([matvec(v) for v in vectors])
-
-
 def _num_query(task: Any) -> int:
     if isinstance(task, Task):
         return task.num_query
     return int(task.query_x.shape[0])
+
+
+def _saved_bytes(outputs: Sequence[Tensor | None]) -> int:
+    """Bytes of the distinct tensors saved by the autograd graph behind ``outputs`` (a memory estimate)."""
+    seen_nodes, seen_storage, total = set(), set(), 0
+    stack = [t.grad_fn for t in outputs if t is not None and t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen_nodes:
+            continue
+        seen_nodes.add(node)
+        for name in dir(node):
+            if not name.startswith("_saved_"):
+                continue
+            try:
+                value = getattr(node, name)
+            except RuntimeError:  # already freed
+                continue
+            for tensor in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(tensor, Tensor) and tensor.layout == torch.strided:
+                    key = (tensor.untyped_storage().data_ptr(), tensor.device)
+                    if key not in seen_storage:
+                        seen_storage.add(key)
+                        total += tensor.untyped_storage().nbytes()
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return total

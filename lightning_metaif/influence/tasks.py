@@ -234,6 +234,40 @@ def resolve_task_ids(tasks: Tasks, task_ids: Sequence[int] | Tensor | None = Non
     return ids
 
 
+def stackable(tasks: Tasks, task_ids: Tensor | None = None) -> TaskBatch | None:
+    """``tasks`` as a :class:`TaskBatch` when they can be batched, else ``None``.
+
+    A ``TaskBatch`` is returned as is; a sequence of :class:`Task` objects whose tensors agree in shape, dtype
+    and device is stacked (ids from ``task_ids``, else each task's ``task_id``, else positions). Other task
+    objects are opaque to the engine and are never converted.
+
+    Example:
+        >>> import torch
+        >>> tasks = [Task(torch.zeros(2, 3), torch.zeros(2), torch.ones(4, 3), torch.zeros(4)) for _ in range(5)]
+        >>> len(stackable(tasks)), stackable(tasks + [Task(torch.zeros(1, 3), torch.zeros(1), torch.ones(4, 3),
+        ...                                                 torch.zeros(4))])
+        (5, None)
+    """
+    if isinstance(tasks, TaskBatch):
+        return tasks
+    if len(tasks) == 0 or not all(type(t) is Task for t in tasks):
+        return None
+    first = tasks[0]
+    signature = [(v.shape, v.dtype, v.device) for v in (getattr(first, n) for n in _TENSOR_FIELDS)]
+    for task in tasks[1:]:
+        if [(v.shape, v.dtype, v.device) for v in (getattr(task, n) for n in _TENSOR_FIELDS)] != signature:
+            return None
+    if task_ids is None:
+        if all(t.task_id is not None for t in tasks):
+            task_ids = torch.tensor([int(t.task_id) for t in tasks], dtype=torch.long)
+        else:
+            task_ids = torch.arange(len(tasks))
+    return TaskBatch(
+        *(torch.stack([getattr(t, name) for t in tasks]) for name in _TENSOR_FIELDS),
+        task_ids=torch.as_tensor(task_ids, dtype=torch.long),
+    )
+
+
 def select_tasks(tasks: Tasks, index: Sequence[int] | Tensor) -> Tasks:
     """Positions ``index`` of ``tasks``, keeping its kind (a sub-batch or a list)."""
     if isinstance(tasks, TaskBatch):

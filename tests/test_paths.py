@@ -64,7 +64,9 @@ def test_vmap_refuses_only_tasks_it_cannot_stack():
     problem = LinearMAML(inner_lr=0.1, steps=1)
     params = problem.init_params(3, 1)
     tasks = list(regression_tasks(3))
-    ragged = tasks + [Task(tasks[0].support_x[:2], tasks[0].support_y[:2], tasks[0].query_x, tasks[0].query_y, 99)]
+    ragged = tasks + [
+        Task(tasks[0].support_x[:2], tasks[0].support_y[:2], tasks[0].query_x, tasks[0].query_y, 99)
+    ]
     with pytest.raises(ValueError, match="vectorize='vmap' needs the tasks"):
         per_task_gradients(problem, params, ragged, vectorize="vmap")
     grads, _ = per_task_gradients(problem, params, ragged)  # auto: loops over the ragged list
@@ -82,7 +84,9 @@ def test_hessian_products_blocks_and_dense_match_torch_func(seed, vectorize, as_
     weights = torch.linspace(0.5, 1.5, 7, dtype=torch.float64)
     _, hessian = func_reference(problem, params, list(batch), l2=0.05, weights=weights)
     tasks = list(batch) if as_list else batch
-    operator = TotalHessian(problem, params, tasks, l2=0.05, task_weights=weights, chunk_size=3, vectorize=vectorize)
+    operator = TotalHessian(
+        problem, params, tasks, l2=0.05, task_weights=weights, chunk_size=3, vectorize=vectorize
+    )
     generator = torch.Generator().manual_seed(seed)
     vectors = torch.randn(5, operator.dim, generator=generator, dtype=torch.float64)
     torch.testing.assert_close(operator.matvec(vectors[0]), hessian @ vectors[0], rtol=1e-9, atol=1e-11)
@@ -151,3 +155,35 @@ def test_choose_path_keeps_the_faster_logs_both_times_once_and_survives_a_failin
             {"vmap": broken, "loop": lambda: (_ for _ in ()).throw(RuntimeError("loop broke"))},
             what="demo",
         )
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_self_influence_is_one_block_solve_and_matches_torch_func(seed):
+    from lightning_metaif.influence.estimators import task_influence
+
+    problem = Counting(LinearMAML(inner_lr=0.1, steps=2, hidden=4))
+    batch = regression_tasks(9, seed=seed)
+    params = problem.problem.init_params(3, 1, seed=seed)
+    l2, damping = 20.0, 0.1  # l2 makes the total Hessian positive definite (min eigenvalue of H alone: -15)
+    grads, hessian = func_reference(problem.problem, params, list(batch), l2=l2)
+    system = hessian + damping * torch.eye(hessian.shape[0], dtype=hessian.dtype)
+    exact = (grads * torch.linalg.solve(system, grads.T).T).sum(1)
+    for solver, options, tol in (
+        ("cg", {"tolerance": 1e-12, "max_iterations": 200}, 1e-9),
+        ("lissa", {"tolerance": 1e-9, "iterations": 5000}, 1e-6),
+        ("arnoldi", {"rank": hessian.shape[0]}, 1e-9),
+    ):
+        problem.calls = 0
+        result = task_influence(
+            problem,
+            params,
+            batch,
+            estimator="self",
+            solver=solver,
+            damping=damping,
+            l2=l2,
+            solver_options=options,
+        )
+        torch.testing.assert_close(result.self_influence, exact, rtol=tol, atol=1e-12)
+        # One kept graph per chunk of tasks for the whole block (plus the gradients): no forward pass per solve.
+        assert problem.calls <= 3 * len(batch)

@@ -16,7 +16,7 @@ from lightning_metaif.influence.gradients import per_task_gradients
 from lightning_metaif.influence.projection import RandomProjection, chunk_seed
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "sjlt"])
 def test_same_seed_same_projection_across_calls_block_sizes_and_dtypes(kind):
     x = torch.randn(5, 3001, dtype=torch.float64)
     reference = RandomProjection(3001, 40, seed=11, kind=kind, dtype=torch.float64, cache_elements=0)
@@ -62,7 +62,7 @@ def test_entry_distribution():
     assert abs(float(torch.sign(rademacher).mean())) < 5 / math.sqrt(rademacher.numel())
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "sjlt"])
 def test_johnson_lindenstrauss_norms_and_inner_products(kind):
     """Over projections with different seeds, ‖Pa‖²/‖a‖² − 1 has standard deviation ≤ √(2/d) (Gaussian: exactly;
     Rademacher: smaller), and ⟨Pa, Pb⟩ − ⟨a, b⟩ has variance ≤ (‖a‖²‖b‖² + ⟨a,b⟩²)/d. Bounds: 5 sigma per trial,
@@ -166,3 +166,26 @@ def test_as_transform_of_per_task_gradients():
     projection = RandomProjection(full.shape[1], 3, seed=4, dtype=torch.float64)
     projected, _ = per_task_gradients(problem, params, tasks, chunk_size=2, transform=projection)
     torch.testing.assert_close(projected, projection(full))
+
+
+@pytest.mark.parametrize("nonzeros", [1, 4])
+def test_sjlt_is_sparse_one_entry_per_block_and_never_dense(nonzeros):
+    p, d = 5000, 64
+    projection = RandomProjection(p, d, seed=3, kind="sjlt", nonzeros=nonzeros, dtype=torch.float64)
+    x = torch.randn(3, p, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = projection(x)
+    # Applied by scatter-adds: no dense block of P was ever generated for the call.
+    assert projection._cache is None and projection.peak_block_elements == 0
+    matrix = RandomProjection(p, d, seed=3, kind="sjlt", nonzeros=nonzeros, dtype=torch.float64).matrix()
+    torch.testing.assert_close(out, x @ matrix.T, rtol=1e-12, atol=1e-12)
+    # Every input coordinate has exactly one entry ±1/√s in each of the s blocks of d/s output rows.
+    assert torch.all((matrix != 0).sum(0) == nonzeros)
+    torch.testing.assert_close(
+        matrix[matrix != 0].abs(), torch.full(((matrix != 0).sum(),), nonzeros**-0.5, dtype=torch.float64)
+    )
+    for block in range(nonzeros):
+        rows = matrix[block * d // nonzeros : (block + 1) * d // nonzeros]
+        assert torch.all((rows != 0).sum(0) == 1)
+    state = projection.state_dict()
+    assert state["kind"] == "sjlt" and state["nonzeros"] == nonzeros
+    torch.testing.assert_close(RandomProjection.from_state_dict(state)(x), out, rtol=0, atol=0)

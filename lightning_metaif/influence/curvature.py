@@ -28,6 +28,8 @@ from lightning_metaif.influence.gauss_newton import GaussNewton, check_gauss_new
 from lightning_metaif.influence.hessian import TotalHessian
 from lightning_metaif.influence.problem import Params
 from lightning_metaif.influence.solvers import DenseMatrix, SolverError, SolveResult, check_finite, solve
+from lightning_metaif.influence.solvers.cg import block_cg_solve
+from lightning_metaif.influence.solvers.lissa import lissa_solve
 from lightning_metaif.influence.tasks import Tasks
 
 Curvature = Literal["auto", "gauss_newton", "exact", "gamma"]
@@ -193,8 +195,13 @@ class DampedCurvature:
             self.options.setdefault("inverse", result.extra["inverse"])  # later solves reuse the eigenpairs
         return result
 
-    def quadratic_forms(self, rows: Tensor) -> Tensor:
-        """``g_kᵀ (H + δI)^{-1} g_k`` for each row (one solve per row; one eigendecomposition for dense)."""
+    def quadratic_forms(self, rows: Tensor, block: int = 64) -> Tensor:
+        """``g_kᵀ (H + δI)^{-1} g_k`` for each row, never one solve per row.
+
+        ``dense``: one eigendecomposition; ``arnoldi``: one low-rank factorisation applied to every row; ``cg``
+        and ``lissa``: block solves of ``block`` rows at a time, each step one batched product for all of them
+        (:meth:`~lightning_metaif.influence.hessian.TotalHessian.matmat`).
+        """
         if self.solver == "identity":
             return (rows * rows).sum(1)
         if isinstance(self.operator, EKFACFactors):
@@ -209,7 +216,25 @@ class DampedCurvature:
                 )
             coords = rows @ eigenvectors
             return (coords * coords / shifted).sum(1)
-        return torch.stack([row @ self.solve(row).solution for row in rows])
+        if self.solver == "arnoldi":
+            inverse = self.options.get("inverse")
+            if inverse is None:
+                inverse = self.solve(rows[0]).extra["inverse"]
+            inverse = inverse.with_damping(self.damping, self.options.get("complement"))
+            return (rows * inverse.apply(rows)).sum(1)
+        forms = []
+        for start in range(0, rows.shape[0], block):
+            chunk = rows[start : start + block]
+            if self.solver == "cg":
+                options = {
+                    k: v for k, v in self.options.items() if k in ("max_iterations", "tolerance", "strict")
+                }
+                result = block_cg_solve(self.operator, chunk, damping=self.damping, **options)
+            else:
+                result = lissa_solve(self.operator, chunk, damping=self.damping, **self.options)
+            self.products += int(result.extra.get("products", result.iterations))
+            forms.append((chunk * result.solution).sum(1))
+        return torch.cat(forms)
 
 
 def solve_diagnostics(result: SolveResult) -> dict[str, Any]:

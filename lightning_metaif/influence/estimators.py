@@ -157,8 +157,9 @@ def task_influence(
         projection: callable ``[n, p] -> [n, d]`` applied to task and reference gradients (only with the
             identity: ``tracin``, ``ensemble``, or ``solver="identity"``).
         with_self_influence: also return ``self_influence``. Cheap for identity / projection / ``tracin`` /
-            ``ensemble`` and for ``solver="dense"`` (one eigendecomposition); otherwise one extra solve *per
-            task* (M solves), which can dominate the cost.
+            ``ensemble``, ``solver="dense"`` (one eigendecomposition) and ``"arnoldi"`` (one factorisation);
+            ``"cg"`` / ``"lissa"`` solve every task's system together (block solves of 64 tasks, one batched
+            product per step), never one solve per task.
 
     Returns:
         :class:`InfluenceResult` with ``diagnostics`` (solver iterations, residual, damping, seconds,

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
-from lightning_metaif.influence.problem import ParamLayout, Params, check_problem, detached, trainable
 from lightning_metaif.influence.paths import choose_path
+from lightning_metaif.influence.problem import ParamLayout, Params, check_problem, detached, trainable
 from lightning_metaif.influence.tasks import Task, TaskBatch, Tasks, iter_chunks, resolve_task_ids, stackable
 
 Vectorize = Literal["auto", "vmap", "loop"]
@@ -191,8 +191,8 @@ def per_task_gradients(
                 problem,
                 key,
                 {
-                    "vmap": lambda: vmap_chunk(chunk, chunk_ids),
-                    "loop": lambda: loop_chunk(list(chunk), chunk_ids),
+                    "vmap": lambda chunk=chunk, ids=chunk_ids: vmap_chunk(chunk, ids),
+                    "loop": lambda chunk=chunk, ids=chunk_ids: loop_chunk(list(chunk), ids),
                 },
                 what=f"per-task gradients of {type(problem).__name__} ({len(chunk)} tasks)",
                 device=chunk.support_x.device,

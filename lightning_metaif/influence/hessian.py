@@ -42,7 +42,6 @@ from lightning_metaif.influence.tasks import (
     Task,
     TaskBatch,
     Tasks,
-    iter_chunks,
     resolve_task_ids,
     select_tasks,
 )
@@ -218,7 +217,8 @@ class TotalHessian:
         else:
             tasks = self._batch[start:stop] if self._batch is not None else self.tasks[start:stop]
             total = sum(
-                weights[offset] * check_loss(self.problem.task_loss(leaves, task), int(self.task_ids[start + offset]))
+                weights[offset]
+                * check_loss(self.problem.task_loss(leaves, task), int(self.task_ids[start + offset]))
                 for offset, task in enumerate(tasks)
             )
         grads = torch.autograd.grad(total, list(leaves.values()), create_graph=True, allow_unused=True)

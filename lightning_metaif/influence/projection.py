@@ -1,8 +1,13 @@
 """Seeded random projections of flat gradients, generated block by block (docs/maths.md §5; TracIn, TRAK).
 
 ``RandomProjection(p, d)`` maps rows ``x [n, p]`` to ``x Pᵀ [n, d]`` with ``P ∈ R^{d×p}`` of i.i.d. entries
-``N(0, 1)/√d`` (``kind="gaussian"``) or ``±1/√d`` (``kind="rademacher"``), so ``E[(Pa)ᵀ(Pb)] = aᵀb`` and
-``‖Pa‖²/‖a‖²`` concentrates around 1 with relative spread ``≈ √(2/d)`` (Gaussian; Johnson-Lindenstrauss).
+``N(0, 1)/√d`` (``kind="gaussian"``) or ``±1/√d`` (``kind="rademacher"``), or a sparse Johnson-Lindenstrauss
+transform (``kind="sjlt"``, Kane & Nelson 2014, block construction): the ``d`` outputs are cut into ``s``
+blocks (``nonzeros``) and every input coordinate has exactly one entry ``±1/√s`` in each block, at a random row.
+In every case ``E[(Pa)ᵀ(Pb)] = aᵀb`` and ``‖Pa‖²/‖a‖²`` concentrates around 1 with relative spread
+``≈ √(2/d)`` (Johnson-Lindenstrauss; the SJLT's variance is at most the Gaussian one). The SJLT is applied
+with ``s`` scatter-adds per coordinate, ``O(n·p·s)`` work instead of the dense ``O(n·p·d)``, and its whole
+description is ``p·s`` row indices and signs: it is never a dense matrix.
 
 Determinism: ``Pᵀ`` is cut into *generation chunks* of ``G = max(1, 2²⁰ // d)`` rows (about a million entries);
 chunk ``c`` is drawn from a CPU ``torch.Generator`` seeded with a SplitMix64 hash of ``(seed, c)``. Gaussian
@@ -29,8 +34,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-Kind = Literal["gaussian", "rademacher"]
-KINDS = ("gaussian", "rademacher")
+Kind = Literal["gaussian", "rademacher", "sjlt"]
+KINDS = ("gaussian", "rademacher", "sjlt")
 _MASK64 = (1 << 64) - 1
 _CHUNK_ELEMENTS = 1 << 20
 _STATE_VERSION = 1
@@ -63,7 +68,9 @@ class RandomProjection:
         in_dim: ``p``, the length of the vectors to project (e.g. the number of meta-parameters).
         out_dim: ``d``, the projected dimension.
         seed: any non-negative int; same ``(seed, in_dim, out_dim, kind)``, same projection everywhere.
-        kind: ``"gaussian"`` (entries ``N(0,1)/√d``) or ``"rademacher"`` (entries ``±1/√d``).
+        kind: ``"gaussian"`` (entries ``N(0,1)/√d``), ``"rademacher"`` (entries ``±1/√d``) or ``"sjlt"``
+            (``nonzeros`` entries ``±1/√s`` per input coordinate, one in each block of output rows).
+        nonzeros: ``s``, the SJLT's entries per input coordinate (clamped to ``out_dim``; other kinds ignore it).
         block_size: rows of ``Pᵀ`` (coordinates of ``x``) multiplied at once; bounds the memory of a call.
         dtype: floating dtype of the computation and of the output.
         cache_elements: keep the whole matrix after the first call when ``in_dim · out_dim`` is at most this
@@ -90,6 +97,7 @@ class RandomProjection:
         block_size: int = 65536,
         dtype: torch.dtype = torch.float32,
         cache_elements: int = 1 << 25,
+        nonzeros: int = 4,
     ) -> None:
         self.in_dim = _check_int("in_dim", in_dim, 1)
         self.out_dim = _check_int("out_dim", out_dim, 1)
@@ -102,6 +110,8 @@ class RandomProjection:
             raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.float32), got {dtype!r}.")
         self.dtype = dtype
         self.cache_elements = _check_int("cache_elements", cache_elements, 0)
+        self.nonzeros = min(_check_int("nonzeros", nonzeros, 1), self.out_dim)
+        self._sparse: tuple[Tensor, Tensor] | None = None
         self.chunk_rows = max(1, _CHUNK_ELEMENTS // self.out_dim)
         self.num_chunks = math.ceil(self.in_dim / self.chunk_rows)
         self.peak_block_elements = 0  # the most entries of P held at once by a call (diagnostics)
@@ -110,7 +120,8 @@ class RandomProjection:
     def __repr__(self) -> str:
         return (
             f"RandomProjection(in_dim={self.in_dim}, out_dim={self.out_dim}, seed={self.seed}, "
-            f"kind={self.kind!r}, block_size={self.block_size}, dtype={self.dtype})"
+            f"kind={self.kind!r}, block_size={self.block_size}, dtype={self.dtype}"
+            + (f", nonzeros={self.nonzeros})" if self.kind == "sjlt" else ")")
         )
 
     # --- generation -------------------------------------------------------------------------------------
@@ -130,6 +141,10 @@ class RandomProjection:
         flat = out.view(-1)
         count = flat.numel()
         inv_sqrt_d = 1.0 / math.sqrt(self.out_dim)
+        if self.kind == "sjlt":
+            rows, values = self.sparse_chunk(index)
+            out.zero_().scatter_(1, rows, values)
+            return
         if self.kind == "gaussian":
             # Box-Muller on float64 uniforms, both outputs used: z₁ = r cos θ fills the first half, z₂ = r sin θ
             # the second.
@@ -142,6 +157,43 @@ class RandomProjection:
         else:
             flat.copy_(torch.randint(0, 2, (count,), generator=generator, dtype=torch.int8))
             flat.mul_(2.0).sub_(1.0).mul_(inv_sqrt_d)
+
+    def sparse_chunk(self, index: int) -> tuple[Tensor, Tensor]:
+        """The SJLT's generation chunk ``index``: output rows ``[G, s]`` (int64) and entries ``[G, s]`` (float32)
+        of its ``G`` input coordinates; block ``b`` holds rows ``[b·d/s, (b+1)·d/s)``."""
+        if self.kind != "sjlt":
+            raise ValueError(f"sparse_chunk is only defined for kind='sjlt', not {self.kind!r}.")
+        if not 0 <= index < self.num_chunks:
+            raise IndexError(f"chunk index {index} out of range [0, {self.num_chunks}).")
+        count = min(self.chunk_rows, self.in_dim - index * self.chunk_rows)
+        generator = torch.Generator().manual_seed(chunk_seed(self.seed, index))
+        s, d = self.nonzeros, self.out_dim
+        rows = torch.empty(count, s, dtype=torch.long)
+        for block in range(s):
+            low, high = block * d // s, (block + 1) * d // s
+            rows[:, block] = torch.randint(low, high, (count,), generator=generator)
+        signs = torch.randint(0, 2, (count, s), generator=generator, dtype=torch.int8)
+        values = signs.to(torch.float32).mul_(2.0).sub_(1.0).mul_(1.0 / math.sqrt(s))
+        return rows, values
+
+    def _sparse_all(self) -> tuple[Tensor, Tensor]:
+        """``[p, s]`` rows and entries of the whole SJLT (``p·s`` numbers; kept after the first call)."""
+        if self._sparse is None:
+            parts = [self.sparse_chunk(c) for c in range(self.num_chunks)]
+            self._sparse = torch.cat([r for r, _ in parts]), torch.cat([v for _, v in parts])
+        return self._sparse
+
+    def _apply_sparse(self, rows: Tensor) -> Tensor:
+        indices, values = self._sparse_all()
+        indices = indices.to(rows.device)
+        values = values.to(device=rows.device, dtype=self.dtype)
+        out = torch.zeros(rows.shape[0], self.out_dim, dtype=self.dtype, device=rows.device)
+        for start in range(0, self.in_dim, self.block_size):
+            stop = min(start + self.block_size, self.in_dim)
+            part = rows[:, start:stop]
+            for block in range(self.nonzeros):
+                out.index_add_(1, indices[start:stop, block], part * values[start:stop, block])
+        return out
 
     def blocks(self) -> Iterator[tuple[int, int, Tensor]]:
         """Yield ``(start, stop, Pᵀ[start:stop])`` float32 CPU blocks of about ``block_size`` rows (at least one
@@ -180,7 +232,9 @@ class RandomProjection:
         squeeze = x.dim() == 1
         rows = x.reshape(1, -1) if squeeze else x
         rows = rows.to(self.dtype)
-        if self._cache is not None or (0 < self.in_dim * self.out_dim <= self.cache_elements):
+        if self.kind == "sjlt":
+            out = self._apply_sparse(rows)
+        elif self._cache is not None or (0 < self.in_dim * self.out_dim <= self.cache_elements):
             if self._cache is None:
                 self._cache = torch.cat([block for _, _, block in self.blocks()])
                 self.peak_block_elements = max(self.peak_block_elements, self._cache.numel())
@@ -205,6 +259,7 @@ class RandomProjection:
             "block_size": self.block_size,
             "dtype": str(self.dtype).removeprefix("torch."),
             "cache_elements": self.cache_elements,
+            "nonzeros": self.nonzeros,
         }
 
     @classmethod
@@ -240,4 +295,5 @@ class RandomProjection:
             block_size=state.get("block_size", 65536),
             dtype=dtype,
             cache_elements=state.get("cache_elements", 1 << 25),
+            nonzeros=state.get("nonzeros", 4),
         )

@@ -56,7 +56,11 @@ def timing(p: int, d: int, rows: int, repeats: int, kinds=KINDS) -> dict:
     projections = {kind: RandomProjection(p, d, seed=0, kind=kind) for kind in kinds}
     times = C.interleaved({k: (lambda pr=pr: pr(x)) for k, pr in projections.items()}, repeats=repeats)
     med = {k: C.median(v) for k, v in times.items()}
-    return {"times_s": times, "median_s": med, "ratio_vs_rademacher": {k: med[k] / med["rademacher"] for k in med}}
+    return {
+        "times_s": times,
+        "median_s": med,
+        "ratio_vs_rademacher": {k: med[k] / med["rademacher"] for k in med},
+    }
 
 
 def main() -> None:
@@ -70,7 +74,9 @@ def main() -> None:
     env = C.environment()
     results, rows = {}, []
     for p in (100_000, 1_000_000):
-        kinds = KINDS if p < 1_000_000 else ("sjlt", "rademacher")  # a dense Gaussian P of 10^9 entries: minutes
+        kinds = (
+            KINDS if p < 1_000_000 else ("sjlt", "rademacher")
+        )  # a dense Gaussian P of 10^9 entries: minutes
         t = timing(p, args.dim, 16, args.repeats if p < 1_000_000 else 2, kinds)
         acc = results[100_000]["accuracy"] if p > 100_000 else accuracy(p, args.dim, args.seeds)
         results[p] = {"timing": t, "accuracy": acc}

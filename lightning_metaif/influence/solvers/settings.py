@@ -89,11 +89,15 @@ class CG(SolverSettings):
 
 @dataclass(frozen=True)
 class LiSSA(SolverSettings):
-    """Stochastic Neumann series (Agarwal et al.); ``scale`` defaults to an estimate of the spectral radius."""
+    """Stochastic Neumann series (Agarwal et al.); ``scale`` defaults to an estimate from the spectral radius.
+
+    Stops when the relative residual reaches ``tolerance`` (the defaults of
+    :func:`~lightning_metaif.influence.solvers.lissa.lissa_solve`).
+    """
 
     name: ClassVar[str] = "lissa"
     iterations: int = 1000
-    tolerance: float = 1e-7
+    tolerance: float = 1e-3
     scale: float | None = None
     batch_size: int | None = None
     repeats: int = 1

@@ -230,8 +230,11 @@ class DampedCurvature:
                     k: v for k, v in self.options.items() if k in ("max_iterations", "tolerance", "strict")
                 }
                 result = block_cg_solve(self.operator, chunk, damping=self.damping, **options)
-            else:
+            elif self.solver == "lissa":
                 result = lissa_solve(self.operator, chunk, damping=self.damping, **self.options)
+            else:  # a solver without a block form: one solve per row
+                forms.append(torch.stack([row @ self.solve(row).solution for row in chunk]))
+                continue
             self.products += int(result.extra.get("products", result.iterations))
             forms.append((chunk * result.solution).sum(1))
         return torch.cat(forms)

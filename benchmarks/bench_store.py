@@ -38,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _common as C
 import torch
 
 from lightning_metaif.influence.store import GradientStore
@@ -219,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run_one(root, m, d, dtype, args.chunk, args.repeats)))
         return
     if args.scoring:
+        env = C.environment()
         base = Path(tempfile.mkdtemp(prefix="bench_store_", dir=args.root))
         try:
             torch.randn(64, 64) @ torch.randn(64)
@@ -249,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{100 * r['verify_overhead_always']:+.1f}%, warm default {100 * r['verify_overhead_warm']:+.1f}%; "
             f"8 vectors / 1 vector = {r['dot8_vs_dot']:.2f}; tracin / touch = {r['tracin_vs_touch']:.2f}"
         )
-        print(json.dumps(r))
+        path = C.save("bench_store_scoring", {"environment": env, "rows": args.rows, "dim": args.dim, **r})
+        print(f"saved {path}")
         return
     sizes = [1_000, 10_000] if args.quick else [1_000, 10_000, 100_000]
     base = Path(tempfile.mkdtemp(prefix="bench_store_", dir=args.root))

@@ -206,6 +206,8 @@ class MetaInfluence(Callback):
         self._layout: ParamLayout | None = None
         self._root: Path | None = None
         self._restored_root: str | None = None
+        self._restored_store: dict[str, Any] | None = None
+        self.rolled_back: list[str] = []
         self._log_dir: str | None = None
         self._writer: Any = None
         self._dashboards: dict[int, Any] = {}
@@ -339,6 +341,8 @@ class MetaInfluence(Callback):
             from lightning_metaif.dashboards.files import RoundFileWriter
 
             self._writer = RoundFileWriter(self._root)
+        if self._restored:
+            self._roll_back_files(trainer)
         self._seen_step = trainer.global_step
         if not self._restored:
             with torch.enable_grad():
@@ -718,7 +722,31 @@ class MetaInfluence(Callback):
 
     # ------------------------------------------------------------------ state ------------------------------
 
+    def _roll_back_files(self, trainer: pl.Trainer) -> None:
+        """Resuming: drop what the interrupted run wrote after the checkpoint (store records, round files, rows).
+
+        The checkpoint's state lists the store records and the number of rounds it covers; anything later was
+        written by the run that died (or was stopped) after saving it. Store files move to
+        ``store/rank<r>/rolled-back/``, later round files and rows are removed, so the folder equals that of an
+        uninterrupted run at this point and the resumed run re-records the same records under the same names.
+        """
+        dropped: list[str] = []
+        if self._store is not None and self._restored_store is not None:
+            dropped += [
+                f"store record {info.path.name}" for info in self._store.rollback(self._restored_store)
+            ]
+        if self._writer is not None:
+            dropped += self._writer.rollback(self.rounds)
+        self.rolled_back = dropped
+        if dropped:
+            rank_zero_info(
+                f"MetaInfluence: resumed after round {self.rounds}; dropped what the interrupted run wrote after "
+                f"the checkpoint: {', '.join(dropped)}"
+            )
+
     def state_dict(self) -> dict[str, Any]:
+        if self._store is not None:
+            self._store.flush()  # the checkpoint covers every row recorded up to now
         return {
             "task_state": self.task_state.state_dict(),
             "rounds": self.rounds,
@@ -740,6 +768,7 @@ class MetaInfluence(Callback):
         self.estimator.load_state_dict(state_dict["estimator"])
         self._pool_ids = state_dict["pool_ids"]
         self._restored_root = state_dict.get("store_root")
+        self._restored_store = state_dict.get("store")
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self.decisions = [Decision(**d) for d in state_dict.get("decisions", [])]
         self._restored = True

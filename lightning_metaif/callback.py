@@ -200,7 +200,6 @@ class MetaInfluence(Callback):
         ] = []  # (ids, gradients, weights) of the current step
         self._seen_step = 0
         self._last_round_step: int | None = None
-        self._restored = False
         self._store: GradientStore | None = None
         self._projection: RandomProjection | None = None
         self._layout: ParamLayout | None = None
@@ -344,9 +343,10 @@ class MetaInfluence(Callback):
         if self._restored:
             self._roll_back_files(trainer)
         self._seen_step = trainer.global_step
-        if not self._restored:
-            with torch.enable_grad():
-                self._run_engine(lambda ctx: self.estimator.start(ctx), self._context(trainer, pl_module, []))
+        with (
+            torch.enable_grad()
+        ):  # a restored estimator keeps its state: start() only fills in what is missing
+            self._run_engine(lambda ctx: self.estimator.start(ctx), self._context(trainer, pl_module, []))
 
     # ------------------------------------------------------------------ tracing ------------------------------
 
@@ -546,6 +546,10 @@ class MetaInfluence(Callback):
             scores, self_influence, scored = (
                 _sum_over_ranks(trainer, t) for t in (scores, self_influence, scored)
             )
+            if (
+                self.estimator.ranks_overlap == "mean"
+            ):  # a task scored on several ranks: the mean of their scores
+                scores, self_influence = scores / scored.clamp_min(1), self_influence / scored.clamp_min(1)
         scores, self_influence, scored_mask = self._totals.add(
             scores, self_influence if out.self_influence is not None else None, scored > 0
         )
@@ -771,7 +775,6 @@ class MetaInfluence(Callback):
         self._restored_store = state_dict.get("store")
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self.decisions = [Decision(**d) for d in state_dict.get("decisions", [])]
-        self._restored = True
 
 
 # ---------------------------------------------------------------------- helpers ------------------------------

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from lightning_metaif.config import plain_settings
+from lightning_metaif.influence.direction import direction_scores, influence_direction
 from lightning_metaif.influence.estimators import task_influence
 from lightning_metaif.influence.gradients import reference_gradient
 from lightning_metaif.influence.instance import instance_influence
@@ -62,6 +63,7 @@ __all__ = [
     "SampleInfluence",
     "ScoreTotals",
     "TaskIF",
+    "TraceTaskIF",
     "Trajectory",
     "as_estimator",
 ]
@@ -164,10 +166,11 @@ class RoundEstimator:
     over_rounds: ClassVar[Literal["sum", "mean", "latest"]] = "sum"
     traces_steps: ClassVar[bool] = False
     splits_across_ranks: ClassVar[bool] = True
+    ranks_overlap: ClassVar[str] = "sum"  # a task scored on several processes: "sum" (path shares) or "mean"
     max_tasks: int | None = None
 
     def start(self, ctx: RoundContext) -> None:
-        """Called once when training starts (not on resume when the state was restored)."""
+        """Called when training starts, also after a resume: fill in what the (restored) state lacks."""
 
     def on_step(
         self,
@@ -406,32 +409,169 @@ class TaskIF(RoundEstimator):
             nan = torch.full((len(positions),), math.nan, dtype=torch.float64)
             return RoundScores(positions, nan, None, {"solver_converged": 0.0, "solver_failed": 1.0})
         d = result.diagnostics
-        converged = bool(d.get("converged", True))
-        if not converged:
-            warnings.warn(
-                f"TaskIF round {ctx.round_index}: the {settings.name} solve stopped at relative residual "
-                f"{float(d.get('residual', math.nan)):.2e} after {d.get('iterations')} iterations without reaching "
-                f"its tolerance; scores are approximate. Give TaskIF(solver=...) more iterations (e.g. "
-                f"CG(max_iterations=...)) or a larger damping.",
-                UserWarning,
-                stacklevel=2,
-            )
-        diagnostics = {
-            "solver_iterations": float(d.get("iterations", 0)),
-            "solver_residual": float(d.get("residual", math.nan)),
-            "solver_converged": float(converged),
-            "solver_failed": 0.0,
-            "damping": float(d.get("damping", math.nan))
-            if not isinstance(d.get("damping"), str)
-            else math.nan,
-            "reference_loss": float(d.get("reference_value", math.nan)),
-        }
+        _warn_unconverged("TaskIF", ctx.round_index, settings.name, d)
+        diagnostics = _solve_metrics(d)
         self_influence = None
         if result.self_influence is not None:
             self_influence = result.self_influence.detach().to("cpu", torch.float64)
         return RoundScores(
             positions, result.scores.detach().to("cpu", torch.float64), self_influence, diagnostics
         )
+
+
+@dataclass
+class TraceTaskIF(RoundEstimator):
+    """Task-IF that reuses the trace: one solve per round, the pool scored from the gradients training computed.
+
+    Each round solves once for ``s = (H + δI)^{-1} ∇f``, with ``H`` the curvature of a seeded subsample of
+    ``hessian_tasks`` kept tasks (weighted) and the solve warm-started from the previous round's ``s``; every
+    kept task is then scored ``(w_k / M) ⟨g_k, s⟩`` from its latest traced meta-gradient ``g_k`` (the one of the
+    last step that trained on it), with no second pass over the pool. Tasks not trained on yet are unscored.
+    ``g_k`` was taken at the parameters of that step, not the current ones: the price of skipping the pass.
+
+    Args:
+        hessian_tasks: tasks in the curvature's subsample (``None``: every kept task).
+        solver, damping, l2, curvature, on_error: as for :class:`TaskIF`. CG stops at relative residual 1e-5 by
+            default; a round whose solve misses its tolerance is reported (``influence/solver_converged`` = 0).
+        projection_dim: keep the traced gradients projected to this dimension (a seeded random projection;
+            memory ``pool × projection_dim``); ``None`` keeps them whole.
+    """
+
+    name: ClassVar[str] = "task_if_trace"
+    over_rounds: ClassVar[Literal["sum", "mean", "latest"]] = "latest"
+    traces_steps: ClassVar[bool] = True
+    ranks_overlap: ClassVar[str] = "mean"
+    hessian_tasks: int | None = 64
+    solver: str | SolverSettings = "cg"
+    damping: float | str | None = None
+    l2: float = 0.0
+    curvature: str | None = None
+    on_error: Literal["warn", "raise"] = "warn"
+    projection_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        TaskIF(solver=self.solver, damping=self.damping, l2=self.l2, on_error=self.on_error)  # same checks
+        _check_max_tasks("TraceTaskIF", self.hessian_tasks)
+        if self.projection_dim is not None and (
+            not isinstance(self.projection_dim, int) or self.projection_dim < 1
+        ):
+            raise ValueError(
+                f"TraceTaskIF(projection_dim={self.projection_dim!r}) must be a positive integer or None."
+            )
+        self._rows: Tensor | None = None
+        self._has_row: Tensor | None = None
+        self._position_of: dict[int, int] = {}
+        self._projection: Any = None
+        self._direction: Tensor | None = None
+
+    def start(self, ctx: RoundContext) -> None:
+        self._position_of = dict(ctx.position_of)
+        dim = sum(p.numel() for p in ctx.params.values())
+        if self.projection_dim is not None and self.projection_dim < dim:
+            from lightning_metaif.influence.projection import RandomProjection
+
+            self._projection = RandomProjection(dim, self.projection_dim, seed=ctx.seed)
+            dim = self.projection_dim
+        if self._rows is None or self._rows.shape != (len(self._position_of), dim):
+            self._rows = torch.zeros(len(self._position_of), dim)
+            self._has_row = torch.zeros(len(self._position_of), dtype=torch.bool)
+
+    def on_step(self, step, task_ids, gradients, *, task_weights, scaling, batch_size) -> None:  # noqa: D102
+        rows = gradients.detach()
+        if self._projection is not None:
+            rows = self._projection(rows)
+        positions = torch.tensor([self._position_of[int(t)] for t in task_ids.tolist()], dtype=torch.long)
+        self._rows[positions] = rows.to("cpu", self._rows.dtype)
+        self._has_row[positions] = True
+
+    def score(self, ctx: RoundContext) -> RoundScores:
+        settings = as_solver(self.solver)
+        objective = ctx.objective_positions
+        sample = objective
+        if self.hessian_tasks is not None and self.hessian_tasks < len(objective):
+            generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.round_index)
+            sample = (
+                objective[torch.randperm(len(objective), generator=generator)[: self.hessian_tasks]]
+                .sort()
+                .values
+            )
+        options: dict[str, Any] = {"l2": self.l2}
+        if self.damping is not None:
+            options["damping"] = self.damping
+        if self.curvature is not None:
+            options["curvature"] = self.curvature
+        try:
+            direction, d = influence_direction(
+                ctx.problem,
+                ctx.params,
+                ctx.pool.batch(sample),
+                None if ctx.utility is not None else ctx.reference,
+                utility=ctx.utility,
+                solver=settings.name,
+                solver_options=settings.options(),
+                task_weights=ctx.objective_weights[_index_in(objective, sample)],
+                x0=self._direction,
+                seed=ctx.seed,
+                **options,
+                **ctx.engine,
+            )
+        except SolverError as error:
+            if self.on_error == "raise":
+                raise
+            warnings.warn(
+                f"TraceTaskIF round {ctx.round_index}: the solve failed, this round's scores are NaN and nothing "
+                f"acts on them: {error}",
+                UserWarning,
+                stacklevel=2,
+            )
+            mine = ctx.positions
+            return RoundScores(
+                mine, torch.full((len(mine),), math.nan, dtype=torch.float64), None, {"solver_failed": 1.0}
+            )
+        self._direction = direction
+        _warn_unconverged("TraceTaskIF", ctx.round_index, settings.name, d)
+        s = direction.to("cpu", torch.float32)
+        if self._projection is not None:
+            s = self._projection(s[None])[0]
+        mine = ctx.positions[self._has_row[ctx.positions]]
+        weights = ctx.weights[_index_in(ctx.positions, mine)]
+        scores = direction_scores(self._rows[mine], s, weights, len(objective)).to(torch.float64)
+        return RoundScores(mine, scores, None, _solve_metrics(d))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rows": None if self._rows is None else self._rows.clone(),
+            "has_row": None if self._has_row is None else self._has_row.clone(),
+            "direction": None if self._direction is None else self._direction.detach().cpu().clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._rows, self._has_row, self._direction = state["rows"], state["has_row"], state["direction"]
+
+
+def _warn_unconverged(owner: str, round_index: int, solver: str, d: dict[str, Any]) -> None:
+    if bool(d.get("converged", True)):
+        return
+    warnings.warn(
+        f"{owner} round {round_index}: the {solver} solve stopped at relative residual "
+        f"{float(d.get('residual', math.nan)):.2e} after {d.get('iterations')} iterations without reaching its "
+        f"tolerance; scores are approximate. Give {owner}(solver=...) more iterations (e.g. CG(max_iterations=...)) "
+        "or a larger damping.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _solve_metrics(d: dict[str, Any]) -> dict[str, float]:
+    damping = d.get("damping", math.nan)
+    return {
+        "solver_iterations": float(d.get("iterations", 0)),
+        "solver_residual": float(d.get("residual", math.nan)),
+        "solver_converged": float(bool(d.get("converged", True))),
+        "solver_failed": 0.0,
+        "damping": float(damping) if isinstance(damping, (int, float)) else math.nan,
+        "reference_loss": float(d.get("reference_value", math.nan)),
+    }
 
 
 @dataclass
@@ -610,7 +750,7 @@ class ScoreTotals:
 
 
 ESTIMATORS: dict[str, type[RoundEstimator]] = {
-    cls.name: cls for cls in (Trajectory, Checkpoints, TaskIF, Ensemble)
+    cls.name: cls for cls in (Trajectory, Checkpoints, TaskIF, TraceTaskIF, Ensemble)
 }
 
 

@@ -200,6 +200,7 @@ class MetaInfluence(Callback):
         ] = []  # (ids, gradients, weights) of the current step
         self._seen_step = 0
         self._last_round_step: int | None = None
+        self._restored = False
         self._store: GradientStore | None = None
         self._projection: RandomProjection | None = None
         self._layout: ParamLayout | None = None
@@ -343,9 +344,8 @@ class MetaInfluence(Callback):
         if self._restored:
             self._roll_back_files(trainer)
         self._seen_step = trainer.global_step
-        with (
-            torch.enable_grad()
-        ):  # a restored estimator keeps its state: start() only fills in what is missing
+        # a restored estimator keeps its state: start() only fills in what is missing
+        with torch.enable_grad():
             self._run_engine(lambda ctx: self.estimator.start(ctx), self._context(trainer, pl_module, []))
 
     # ------------------------------------------------------------------ tracing ------------------------------
@@ -775,6 +775,7 @@ class MetaInfluence(Callback):
         self._restored_store = state_dict.get("store")
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self.decisions = [Decision(**d) for d in state_dict.get("decisions", [])]
+        self._restored = True
 
 
 # ---------------------------------------------------------------------- helpers ------------------------------

@@ -592,7 +592,10 @@ class MetaInfluence(Callback):
         from tqdm.auto import tqdm
 
         return tqdm(
-            total=total, desc=f"metaif round {self.rounds} ({self.estimator.name})", leave=False, unit="task"
+            total=total,
+            desc=f"metaif round {self.rounds - 1} ({self.estimator.name})",
+            leave=False,
+            unit="task",
         )
 
     def _make_round(
@@ -688,7 +691,7 @@ class MetaInfluence(Callback):
     def _round_line(self, round_: ScoreRound, metrics: Mapping[str, float]) -> str:
         pruned_now = sum(len(d.task_ids) for d in round_.decisions if d.action == "prune")
         line = (
-            f"[metaif] round {self.rounds} ({self.estimator.name}) step {round_.step}: "
+            f"[metaif] round {self.rounds - 1} ({self.estimator.name}) step {round_.step}: "  # from 0 like the files
             f"{int(metrics.get('influence/num_scored', 0))} tasks scored, "
             f"{metrics.get('influence/fraction_harmful', float('nan')):.0%} harmful, "
             f"{pruned_now} pruned now, {int(round_.pruned.sum())} in total, {round_.seconds:.2f}s"

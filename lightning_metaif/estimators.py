@@ -400,7 +400,7 @@ class TaskIF(RoundEstimator):
             if self.on_error == "raise":
                 raise
             warnings.warn(
-                f"TaskIF round {ctx.round_index}: the solve failed, this round's scores are NaN and nothing acts "
+                f"TaskIF round {ctx.round_index - 1}: the solve failed, this round's scores are NaN and nothing acts "
                 f"on them: {error} (settings: TaskIF(solver={self.solver!r}, damping={self.damping!r}, "
                 f"l2={self.l2!r}); raise `damping` or `l2` of TaskIF, or pass on_error='raise' to stop.)",
                 UserWarning,
@@ -519,7 +519,7 @@ class TraceTaskIF(RoundEstimator):
             if self.on_error == "raise":
                 raise
             warnings.warn(
-                f"TraceTaskIF round {ctx.round_index}: the solve failed, this round's scores are NaN and nothing "
+                f"TraceTaskIF round {ctx.round_index - 1}: the solve failed, this round's scores are NaN and nothing "
                 f"acts on them: {error}",
                 UserWarning,
                 stacklevel=2,
@@ -553,7 +553,7 @@ def _warn_unconverged(owner: str, round_index: int, solver: str, d: dict[str, An
     if bool(d.get("converged", True)):
         return
     warnings.warn(
-        f"{owner} round {round_index}: the {solver} solve stopped at relative residual "
+        f"{owner} round {round_index - 1}: the {solver} solve stopped at relative residual "
         f"{float(d.get('residual', math.nan)):.2e} after {d.get('iterations')} iterations without reaching its "
         f"tolerance; scores are approximate. Give {owner}(solver=...) more iterations (e.g. CG(max_iterations=...)) "
         "or a larger damping.",

@@ -15,7 +15,8 @@ change it), interleaved rounds of: reading every byte of the file sequentially i
 floor of any scan: "touch every byte"); ``dot`` against one vector from a fresh store object (every chunk of
 rows hashed) and without verification; ``dot`` on a warm object (default: chunks verified once are not hashed
 again), with ``verify="always"`` and with ``verify=False``; ``dot`` against 8 vectors (``[d, 8]``); ``dot`` in
-float16 (``compute_dtype=torch.float16``: no float32 conversion, float16 output); and ``tracin_scores``. It prints the medians and the ratios: scoring vs
+float16 (``compute_dtype=torch.float16``: no float32 conversion, float16 output); the previous version's
+loop (16 MiB blocks converted to float32, for a before/after in one run); and ``tracin_scores``. It prints the medians and the ratios: scoring vs
 touching every byte, the verification overhead, multi-query vs one query.
 
 Usage::
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import shutil
 import subprocess
@@ -148,6 +150,30 @@ def _touch_every_byte(path: Path, buffer: memoryview) -> int:
     return total
 
 
+def _dot_before(path: Path, vec: torch.Tensor) -> torch.Tensor:
+    """The scoring loop of the previous store version (for a before/after in one run): 16 MiB float32 blocks.
+
+    Rows were read 4,096 at a time (16 MiB as float32) into a float16 buffer, the whole block converted to a
+    float32 buffer, then multiplied; no checksums.
+    """
+    from lightning_metaif.influence.store import read_header
+
+    h = read_header(path)
+    nrows = min(65536, 16 * 2**20 // (h.dim * 4))
+    raw = torch.empty((nrows, h.dim), dtype=torch.float16)
+    conv = torch.empty((nrows, h.dim), dtype=torch.float32)
+    out = torch.empty(h.rows)
+    view = memoryview(raw.numpy()).cast("B")
+    with open(path, "rb", buffering=0) as f:
+        for start in range(0, h.rows, nrows):
+            n = min(nrows, h.rows - start)
+            f.seek(h.data_offset + start * h.row_bytes)
+            f.readinto(view[: n * h.row_bytes])
+            conv[:n].copy_(raw[:n])
+            torch.matmul(conv[:n], vec, out=out[start : start + n])
+    return out
+
+
 def scoring_ratios(root: Path, m: int, d: int, rounds: int) -> dict[str, float]:
     """Interleaved timings (medians over ``rounds``) of the scoring paths against touching every byte."""
     store = GradientStore(root, dim=d, dtype=torch.float16)
@@ -171,13 +197,17 @@ def scoring_ratios(root: Path, m: int, d: int, rounds: int) -> dict[str, float]:
         "dot_noverify": lambda: store.dot(info, vec, verify=False),
         "dot8": lambda: store.dot(info, mat),
         "dot_fp16": lambda: store.dot(info, vec, compute_dtype=torch.float16),
+        "dot_before": lambda: _dot_before(info.path, vec),
         "tracin": lambda: store.tracin_scores(vec),
     }
     for fn in ops.values():  # warm: page cache, buffers, kernels
         fn()
     times: dict[str, list[float]] = {k: [] for k in ops}
+    order, rng = list(ops), random.Random(0)
     for _ in range(rounds):
-        for name, fn in ops.items():
+        rng.shuffle(order)  # a new order each round: no operation always follows the same one
+        for name in order:
+            fn = ops[name]
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -187,6 +217,7 @@ def scoring_ratios(root: Path, m: int, d: int, rounds: int) -> dict[str, float]:
         **{f"{k}_ms": v for k, v in med.items()},
         "file_mib": info.nbytes / 2**20,
         "dot_vs_touch": med["dot"] / med["touch"],
+        "dot_before_vs_touch": med["dot_before"] / med["touch"],
         "dot_noverify_vs_touch": med["dot_noverify"] / med["touch"],
         "verify_overhead_first_read": med["dot_first"] / med["dot_first_noverify"] - 1,
         "verify_overhead_always": med["dot_always"] / med["dot_noverify"] - 1,
@@ -220,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run_one(root, m, d, dtype, args.chunk, args.repeats)))
         return
     if args.scoring:
+        C.set_threads(args.threads)  # one thread unless asked: two made timings erratic on the shared machine
         env = C.environment()
         base = Path(tempfile.mkdtemp(prefix="bench_store_", dir=args.root))
         try:
@@ -229,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(base, ignore_errors=True)
         print(
             f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.rows:,} x {args.dim:,} float16 "
-            f"({r['file_mib']:.0f} MiB), warm page cache, medians of {args.rounds} interleaved rounds"
+            f"({r['file_mib']:.0f} MiB), warm page cache, medians of {args.rounds} rounds (operations shuffled in each)"
         )
         rows = [
             ("touch every byte (sequential read, 1 MiB buffer)", "touch"),
@@ -240,12 +272,14 @@ def main(argv: list[str] | None = None) -> None:
             ("dot, 1 vector, verify=False", "dot_noverify"),
             ("dot, 8 vectors [d, 8]", "dot8"),
             ("dot, 1 vector, compute_dtype=float16", "dot_fp16"),
+            ("dot, 1 vector, previous version's loop (16 MiB float32 blocks)", "dot_before"),
             ("tracin_scores (dot + per-task accumulation)", "tracin"),
         ]
         for label, key in rows:
             print(f"  {label:<60} {r[key + '_ms']:8.1f} ms")
         print(
             f"  ratios: dot / touch = {r['dot_vs_touch']:.2f} (verify=False {r['dot_noverify_vs_touch']:.2f}; "
+            f"previous version {r['dot_before_vs_touch']:.2f}; "
             f"float16 compute {r['dot_fp16_vs_touch']:.2f}); verification overhead: first read "
             f'{100 * r["verify_overhead_first_read"]:+.1f}%, every read ("always") '
             f"{100 * r['verify_overhead_always']:+.1f}%, warm default {100 * r['verify_overhead_warm']:+.1f}%; "

@@ -5,7 +5,8 @@
 * :func:`point_scores`: ``∇f(λ)ᵀ P g_k(λ)`` and ``g_kᵀ P g_k`` at one parameter point, every task, computed in
   the symmetric form ``⟨Π(√P ∇f), Π(√P g_k)⟩`` so that an optional random projection ``Π`` applies to both.
 * :class:`TracInAccumulator`: TracIn along the actual SGD path, fed step by step (by the Lightning callback):
-  ``score_k += (η_t / B) ∇f(λ_t)ᵀ g_k(λ_t)`` for every task k in the meta-batch of step t.
+  ``score_k += (η_t / B) ∇f(λ_t)ᵀ g_k(λ_t)`` for every task k in the meta-batch of step t; optionally
+  cosine-normalised per step and held at the best reference loss (what ``Trajectory`` uses by default).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     from lightning_metaif.influence.store import CheckpointInfo, GradientStore
 
 Projection = Callable[[Tensor], Tensor]
+Normalize = Literal["none", "cosine"]
+Keep = Literal["all", "best"]
+Weighting = Literal["none", "improvement"]
 
 
 @dataclass
@@ -138,21 +142,63 @@ class TracInAccumulator:
     ``preconditioner`` (Adam's ``1/(√v̂ + ε)``) must then have the projected dimension or be applied before
     projecting.
 
+    Three options make the scores robust to training that goes on too long (measured in
+    ``benchmarks/bench_trajectory_variants.py``; see BENCHMARKS.md: on over-long runs the plain sum inverts):
+
+    * ``normalize="cosine"``: each step adds ``(η_t / B) cos(√P ∇f, √P g_k)`` instead of the inner product,
+      so the steps late in training, where the gradients of unlearnable (corrupted) tasks are large, do not
+      outweigh the early ones. The cosine is taken in the preconditioner's metric when ``preconditioner`` is
+      passed to :meth:`update`. Completeness (scores summing to the decrease of ``f``) no longer holds.
+    * ``keep="best"``: :meth:`observe` is given the reference loss at each scoring round; the scores are
+      snapshotted whenever it reaches a new minimum and :meth:`scores` returns that snapshot, the way
+      ``ModelCheckpoint(monitor=...)`` keeps the best model: the scores describe the model the user keeps,
+      and are *held* (``holding`` is True) while the reference loss is above its best.
+    * ``weighting="improvement"``: a scoring round's contributions count, per step, with the weight
+      ``max(0, f_before − f_after)``: how much the reference loss fell over that round (:meth:`observe`
+      gives the losses; call it once before the first update for the baseline, otherwise the first round
+      counts 0). Rounds where the reference improves a lot dominate; plateaus count little and rounds in
+      which it rose count nothing (``holding`` is True after such a round). Contributions of a round count
+      once it is observed.
+
     Example:
         >>> import torch
         >>> acc = TracInAccumulator()
         >>> _ = acc.update(0, 0.5, [3, 7], torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([1.0, 1.0]))
         >>> acc.scores().scores.tolist(), acc.scores().task_ids.tolist()
         ([0.25, 0.5], [3, 7])
+        >>> robust = TracInAccumulator(normalize="cosine", keep="best")
+        >>> _ = robust.update(0, 1.0, [3], torch.tensor([[2.0, 0.0]]), torch.tensor([1.0, 0.0]))
+        >>> robust.observe(0.9, step=1)   # a new best reference loss: snapshot
+        True
+        >>> _ = robust.update(1, 1.0, [3], torch.tensor([[-5.0, 0.0]]), torch.tensor([1.0, 0.0]))
+        >>> robust.observe(1.2, step=2), robust.holding, robust.scores().scores.tolist()
+        (False, True, [1.0])
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, normalize: Normalize = "none", keep: Keep = "all", weighting: Weighting = "none"
+    ) -> None:
+        if normalize not in ("none", "cosine"):
+            raise ValueError(f"normalize must be 'none' or 'cosine', got {normalize!r}.")
+        if keep not in ("all", "best"):
+            raise ValueError(f"keep must be 'all' or 'best', got {keep!r}.")
+        if weighting not in ("none", "improvement"):
+            raise ValueError(f"weighting must be 'none' or 'improvement', got {weighting!r}.")
+        self.normalize, self.keep, self.weighting = normalize, keep, weighting
+        self._pending = torch.zeros(0, dtype=torch.float64)  # this round's contributions (weighting)
+        self._pending_steps = 0
+        self.last_round_weight: float | None = None
+        self.unweighted_steps = 0  # steps observed without a baseline loss (weighting="improvement")
         self._index: dict[int, int] = {}
         self._scores = torch.zeros(0, dtype=torch.float64)
         self._self = torch.zeros(0, dtype=torch.float64)
         self._counts = torch.zeros(0, dtype=torch.long)
         self.steps = 0
         self.last_step: int | None = None
+        self._held: dict[str, Any] | None = None  # snapshot at the best reference loss (keep="best")
+        self.best_reference_loss: float | None = None
+        self.best_step: int | None = None
+        self.last_reference_loss: float | None = None
 
     def _positions(self, task_ids: Sequence[int] | Tensor) -> Tensor:
         ids = torch.as_tensor(task_ids).reshape(-1).tolist()
@@ -162,6 +208,7 @@ class TracInAccumulator:
                 self._index[k] = len(self._index)
             grow = len(new)
             self._scores = torch.cat([self._scores, torch.zeros(grow, dtype=torch.float64)])
+            self._pending = torch.cat([self._pending, torch.zeros(grow, dtype=torch.float64)])
             self._self = torch.cat([self._self, torch.zeros(grow, dtype=torch.float64)])
             self._counts = torch.cat([self._counts, torch.zeros(grow, dtype=torch.long)])
         return torch.tensor([self._index[int(k)] for k in ids], dtype=torch.long)
@@ -187,7 +234,8 @@ class TracInAccumulator:
             task_gradients: ``[B, p]`` (or projected ``[B, d]``) gradients taken at ``λ_t`` before the step.
             reference_gradient: ``∇f(λ_t)`` (``[p]`` or ``[d]``); None records only self-influence and counts.
             batch_size: ``B`` of the mean in the update (default: ``len(task_ids)``).
-            preconditioner: optional diagonal scaling of the task gradients (Adam's update direction).
+            preconditioner: optional diagonal scaling of the task gradients (Adam's update direction);
+                with ``normalize="cosine"`` the cosine is taken in its metric.
             task_weights: optional ``[B]`` weights ``w_k`` the step applied to each task's gradient.
         """
         grads = torch.as_tensor(task_gradients)
@@ -221,7 +269,8 @@ class TracInAccumulator:
                 raise ValueError(
                     f"task_weights must hold {grads.shape[0]} finite weights, one per gradient row."
                 )
-        self_products = (grads * direction).sum(1).to(device="cpu", dtype=torch.float64)
+        raw_self = (grads * direction).sum(1)
+        self_products = raw_self.to(device="cpu", dtype=torch.float64)
         if weights is not None:
             self_products = weights * self_products
         self._self.index_add_(0, positions, learning_rate * self_products)
@@ -236,32 +285,139 @@ class TracInAccumulator:
                 f"reference_gradient has {ref.numel()} entries, task gradients have {grads.shape[1]}: "
                 "project both with the same projection."
             )
-        contributions = (learning_rate / batch) * (direction @ ref).to(device="cpu", dtype=torch.float64)
+        products = direction @ ref
+        if self.normalize == "cosine":
+            ref_norm = (ref * (ref if preconditioner is None else ref * pre)).sum().clamp_min(0).sqrt()
+            norms = raw_self.clamp_min(0).sqrt() * ref_norm
+            products = torch.where(norms > 0, products / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
+        contributions = (learning_rate / batch) * products.to(device="cpu", dtype=torch.float64)
         if weights is not None:
             contributions = weights * contributions
-        self._scores.index_add_(0, positions, contributions)
+        if self.weighting == "improvement":
+            self._pending.index_add_(0, positions, contributions)
+            self._pending_steps += 1
+        else:
+            self._scores.index_add_(0, positions, contributions)
         return contributions
 
+    def observe(self, reference_loss: float, step: int | None = None) -> bool:
+        """Record the reference loss of a scoring round; True when it is a new best (scores snapshotted).
+
+        With ``keep="best"`` the snapshot is what :meth:`scores` returns; with ``keep="all"`` the loss is
+        only recorded (``holding`` still says whether it is above its best). Raises on a non-finite loss:
+        a diverged reference must not silently freeze or move the scores.
+        """
+        loss = float(reference_loss)
+        if not torch.isfinite(torch.tensor(loss)):
+            raise ValueError(
+                f"reference_loss must be finite, got {reference_loss}: the reference loss diverged (check the "
+                "learning rate) or the reference tasks are broken."
+            )
+        if self.weighting == "improvement":
+            previous = self.last_reference_loss
+            if previous is None:
+                self.unweighted_steps += self._pending_steps
+                weight = 0.0
+            else:
+                weight = max(0.0, previous - loss)
+            if self._pending_steps:
+                self._scores += (weight / self._pending_steps) * self._pending
+                self.last_round_weight = weight
+            self._pending.zero_()
+            self._pending_steps = 0
+        self.last_reference_loss = loss
+        if self.best_reference_loss is not None and loss >= self.best_reference_loss:
+            return False
+        self.best_reference_loss, self.best_step = loss, self.last_step if step is None else int(step)
+        self._held = {
+            "ids": list(self._index),
+            "scores": self._scores.clone(),
+            "self": self._self.clone(),
+            "counts": self._counts.clone(),
+            "steps": self.steps,
+        }
+        return True
+
+    @property
+    def holding(self) -> bool:
+        """True when the reference loss is rising and the last round's contributions are not counted.
+
+        ``keep="best"``: the last observed loss is above the best one; ``weighting="improvement"``: the last
+        round's weight was 0 (the loss did not fall over it); otherwise: the last loss is above the best.
+        """
+        if self.weighting == "improvement" and self.keep == "all":
+            return self.last_round_weight == 0.0
+        return (
+            self.last_reference_loss is not None
+            and self.best_reference_loss is not None
+            and self.last_reference_loss > self.best_reference_loss
+        )
+
     def scores(self) -> InfluenceResult:
-        """The accumulated scores as an :class:`~lightning_metaif.influence.results.InfluenceResult`."""
+        """The scores as an :class:`~lightning_metaif.influence.results.InfluenceResult`.
+
+        With ``keep="best"`` and at least one :meth:`observe`, the snapshot at the best reference loss (tasks
+        first seen after it score 0); otherwise everything accumulated. ``diagnostics`` has ``steps`` (that
+        the scores cover), ``last_step``, ``counts``, ``held`` (scores are a snapshot older than the last
+        step), ``holding``, ``best_step`` and ``best_reference_loss``.
+        """
         ids = torch.tensor(list(self._index), dtype=torch.long)
+        scores, self_influence, counts, steps = self._scores, self._self, self._counts, self.steps
+        held = self.keep == "best" and self._held is not None
+        if held:
+            size = len(self._held["ids"])
+            scores, self_influence, counts = (
+                torch.cat([self._held[k], torch.zeros(len(ids) - size, dtype=self._held[k].dtype)])
+                for k in ("scores", "self", "counts")
+            )
+            steps = self._held["steps"]
         return InfluenceResult(
             task_ids=ids,
-            scores=self._scores.clone(),
-            self_influence=self._self.clone(),
+            scores=scores.clone(),
+            self_influence=self_influence.clone(),
             estimator="tracin_trajectory",
-            diagnostics={"steps": self.steps, "last_step": self.last_step, "counts": self._counts.clone()},
+            diagnostics={
+                "steps": steps,
+                "last_step": self.last_step,
+                "counts": counts.clone(),
+                "normalize": self.normalize,
+                "keep": self.keep,
+                "weighting": self.weighting,
+                "last_round_weight": self.last_round_weight,
+                "unweighted_steps": self.unweighted_steps,
+                "held": bool(held and steps < self.steps),
+                "holding": self.holding,
+                "best_step": self.best_step,
+                "best_reference_loss": self.best_reference_loss,
+            },
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "task_ids": torch.tensor(list(self._index), dtype=torch.long),
             "scores": self._scores.clone(),
             "self_influence": self._self.clone(),
             "counts": self._counts.clone(),
             "steps": self.steps,
             "last_step": self.last_step,
+            "normalize": self.normalize,
+            "keep": self.keep,
+            "weighting": self.weighting,
+            "pending": self._pending.clone(),
+            "pending_steps": self._pending_steps,
+            "last_round_weight": self.last_round_weight,
+            "unweighted_steps": self.unweighted_steps,
+            "best_reference_loss": self.best_reference_loss,
+            "best_step": self.best_step,
+            "last_reference_loss": self.last_reference_loss,
         }
+        if self._held is not None:
+            state["held_task_ids"] = torch.tensor(self._held["ids"], dtype=torch.long)
+            state["held_scores"] = self._held["scores"].clone()
+            state["held_self_influence"] = self._held["self"].clone()
+            state["held_counts"] = self._held["counts"].clone()
+            state["held_steps"] = self._held["steps"]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._index = {int(k): i for i, k in enumerate(state["task_ids"].tolist())}
@@ -270,6 +426,25 @@ class TracInAccumulator:
         self._counts = state["counts"].clone().to(torch.long)
         self.steps = int(state["steps"])
         self.last_step = state["last_step"]
+        self.normalize = state.get("normalize", self.normalize)
+        self.keep = state.get("keep", self.keep)
+        self.weighting = state.get("weighting", self.weighting)
+        self._pending = state.get("pending", torch.zeros(len(self._index))).clone().to(torch.float64)
+        self._pending_steps = int(state.get("pending_steps", 0))
+        self.last_round_weight = state.get("last_round_weight")
+        self.unweighted_steps = int(state.get("unweighted_steps", 0))
+        self.best_reference_loss = state.get("best_reference_loss")
+        self.best_step = state.get("best_step")
+        self.last_reference_loss = state.get("last_reference_loss")
+        self._held = None
+        if "held_scores" in state:
+            self._held = {
+                "ids": state["held_task_ids"].tolist(),
+                "scores": state["held_scores"].clone().to(torch.float64),
+                "self": state["held_self_influence"].clone().to(torch.float64),
+                "counts": state["held_counts"].clone().to(torch.long),
+                "steps": int(state["held_steps"]),
+            }
 
 
 # ---------------------------------------------------------------------------- TracIn over a gradient store

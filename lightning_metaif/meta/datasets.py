@@ -8,6 +8,7 @@ Data sources:
 - :func:`digits_splits`: scikit-learn's bundled 8x8 digits (no download), rotated by 0/90/180/270 degrees to
   give 40 classes.
 - :func:`sinusoid_splits`: synthetic sinusoid regression.
+- :func:`gaussian_mixture_splits`: synthetic few-shot classification (Gaussian classes in a hidden subspace).
 - :func:`omniglot_splits` and :func:`mini_imagenet_splits`: read the usual folder layouts from disk.
   Nothing is ever downloaded; a missing folder raises an error that states the expected layout.
 
@@ -35,6 +36,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_metaif.meta.pools import (
+    SALT_GAUSSIAN_MIXTURE,
     SALT_SPLIT,
     ClassificationTaskPool,
     SinusoidTaskPool,
@@ -47,6 +49,7 @@ __all__ = [
     "class_split",
     "classification_splits",
     "digits_splits",
+    "gaussian_mixture_splits",
     "sinusoid_splits",
     "ImageFileDataset",
     "omniglot_splits",
@@ -256,6 +259,66 @@ def digits_splits(
         num_test_tasks=num_test_tasks,
         seed=seed,
         class_names=names,
+    )
+
+
+def gaussian_mixture_splits(
+    ways: int = 5,
+    shots: int = 1,
+    queries: int = 15,
+    num_train_tasks: int = 1000,
+    num_val_tasks: int = 100,
+    num_test_tasks: int = 100,
+    seed: int = 0,
+    *,
+    num_classes: int = 40,
+    samples_per_class: int = 60,
+    dim: int = 16,
+    latent_dim: int = 4,
+    separation: float = 2.5,
+    noise: float = 1.0,
+    num_val_classes: int | float = 0.2,
+    num_test_classes: int | float = 0.2,
+) -> MetaSplits:
+    """Synthetic few-shot classification: Gaussian classes whose means lie in a hidden subspace.
+
+    ``num_classes`` class means are drawn as ``separation * z @ B`` with ``z ~ N(0, I_latent_dim)`` and a random
+    orthonormal ``B`` (``latent_dim x dim``); each class has ``samples_per_class`` points ``mean + noise * ε``
+    with isotropic ``ε ~ N(0, I_dim)``. What a meta-learner can learn across tasks is the subspace (the other
+    directions are pure noise), which a 1-shot learner cannot find from one task. Everything depends only on
+    ``seed``; inputs are float32 ``[dim]``. Classes are split between train/val/test like
+    :func:`digits_splits`.
+
+    Example:
+        >>> splits = gaussian_mixture_splits(num_train_tasks=20, num_val_tasks=5, num_test_tasks=5, seed=1)
+        >>> {k: len(v) for k, v in splits.classes.items()}, tuple(splits.train[0].query_x.shape)
+        ({'train': 24, 'val': 8, 'test': 8}, (75, 16))
+    """
+    if num_classes < 3 or samples_per_class < 2 or dim < 1 or not 1 <= latent_dim <= dim:
+        raise ValueError(
+            "gaussian_mixture_splits needs num_classes >= 3, samples_per_class >= 2 and 1 <= latent_dim <= dim; "
+            f"got num_classes={num_classes}, samples_per_class={samples_per_class}, latent_dim={latent_dim}, "
+            f"dim={dim}."
+        )
+    if not separation > 0 or not noise > 0:
+        raise ValueError(f"separation and noise must be positive, got {separation} and {noise}.")
+    generator = task_generator(seed, 0, SALT_GAUSSIAN_MIXTURE)
+    basis, _ = torch.linalg.qr(torch.randn(dim, latent_dim, generator=generator, dtype=torch.float64))
+    means = separation * torch.randn(num_classes, latent_dim, generator=generator, dtype=torch.float64) @ basis.T
+    labels = torch.arange(num_classes).repeat_interleave(samples_per_class)
+    inputs = means[labels] + noise * torch.randn(len(labels), dim, generator=generator, dtype=torch.float64)
+    split = class_split(list(range(num_classes)), num_val_classes, num_test_classes, seed=seed)
+    return classification_splits(
+        inputs.float().contiguous(),
+        labels,
+        split,
+        ways=ways,
+        shots=shots,
+        queries=queries,
+        num_train_tasks=num_train_tasks,
+        num_val_tasks=num_val_tasks,
+        num_test_tasks=num_test_tasks,
+        seed=seed,
     )
 
 

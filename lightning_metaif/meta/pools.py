@@ -49,6 +49,7 @@ SALT_SINUSOID = 2
 SALT_CORRUPTION = 3
 SALT_CORRUPTION_SELECT = 4
 SALT_SPLIT = 5
+SALT_GAUSSIAN_MIXTURE = 6
 
 
 def task_generator(seed: int, task_id: int, salt: int = 0) -> torch.Generator:

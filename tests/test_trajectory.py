@@ -1,0 +1,125 @@
+"""The robust trajectory options of TracInAccumulator against hand-written computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_metaif.influence.tracin import TracInAccumulator
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cosine_contributions_equal_the_preconditioned_cosine(seed):
+    generator = torch.Generator().manual_seed(seed)
+    grads = torch.randn(4, 6, generator=generator, dtype=torch.float64)
+    ref = torch.randn(6, generator=generator, dtype=torch.float64)
+    pre = torch.rand(6, generator=generator, dtype=torch.float64) + 0.1
+    acc = TracInAccumulator(normalize="cosine")
+    got = acc.update(3, 0.3, [1, 2, 3, 1], grads, ref, batch_size=8, preconditioner=pre)
+    root = pre.sqrt()
+    expected = torch.tensor(
+        [
+            0.3 / 8 * float(torch.dot(g * root, ref * root) / ((g * root).norm() * (ref * root).norm()))
+            for g in grads
+        ],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(got, expected)
+    assert acc.scores().as_dict() == pytest.approx(
+        {1: float(expected[0] + expected[3]), 2: float(expected[1]), 3: float(expected[2])}
+    )
+    # without a preconditioner: the Euclidean cosine; a zero gradient contributes 0, not NaN
+    plain = TracInAccumulator(normalize="cosine")
+    rows = torch.cat([grads[:2], torch.zeros(1, 6, dtype=torch.float64)])
+    got = plain.update(0, 1.0, [7, 8, 9], rows, ref)
+    expected = torch.nn.functional.cosine_similarity(rows[:2], ref[None], dim=1) / 3
+    torch.testing.assert_close(got, torch.cat([expected, torch.zeros(1, dtype=torch.float64)]))
+    # scale invariance per step: multiplying a task's gradient by 100 does not change its score
+    scaled = TracInAccumulator(normalize="cosine").update(0, 1.0, [7, 8, 9], rows * 100, ref)
+    torch.testing.assert_close(scaled, got)
+
+
+def test_keep_best_holds_the_scores_of_the_best_reference_loss():
+    generator = torch.Generator().manual_seed(0)
+    steps = [
+        (torch.randint(0, 6, (3,), generator=generator), torch.randn(3, 4, generator=generator))
+        for _ in range(8)
+    ]
+    refs = [torch.randn(4, generator=generator) for _ in range(8)]
+    losses = {1: 1.0, 3: 0.7, 5: 0.8, 7: 0.75}  # observed after steps 1, 3, 5, 7: best at step 3
+    best, every = TracInAccumulator(keep="best"), TracInAccumulator()
+    expected_best, expected_all = {}, {}
+    for step, ((ids, grads), ref) in enumerate(zip(steps, refs)):
+        best.update(step, 0.1, ids, grads, ref)
+        every.update(step, 0.1, ids, grads, ref)
+        for k, g in zip(ids.tolist(), grads):
+            value = 0.1 / 3 * float(g @ ref)
+            expected_all[k] = expected_all.get(k, 0.0) + value
+            if step <= 3:
+                expected_best[k] = expected_best.get(k, 0.0) + value
+        if step in losses:
+            assert best.observe(losses[step], step=step) == (step in (1, 3))
+            every.observe(losses[step], step=step)
+    result = best.scores()
+    got = result.as_dict()
+    assert got == pytest.approx({k: expected_best.get(k, 0.0) for k in expected_all})
+    assert every.scores().as_dict() == pytest.approx(expected_all)
+    assert result.diagnostics["held"] and result.diagnostics["holding"] and best.holding
+    assert result.diagnostics["best_step"] == 3 and result.diagnostics["best_reference_loss"] == 0.7
+    assert result.diagnostics["steps"] == 4 and best.steps == 8
+    assert int(result.diagnostics["counts"].sum()) == 4 * 3
+    # checkpoint round trip keeps the held snapshot
+    clone = TracInAccumulator(keep="best")
+    clone.load_state_dict(best.state_dict())
+    assert clone.scores().as_dict() == pytest.approx(got) and clone.holding
+    # a new best releases the hold and snapshots everything so far
+    assert best.observe(0.5, step=8) and not best.holding
+    assert best.scores().as_dict() == pytest.approx(expected_all)
+
+
+def test_options_and_losses_are_validated():
+    with pytest.raises(ValueError, match="normalize"):
+        TracInAccumulator(normalize="l2")
+    with pytest.raises(ValueError, match="keep"):
+        TracInAccumulator(keep="last")
+    acc = TracInAccumulator(keep="best")
+    with pytest.raises(ValueError, match="reference_loss must be finite"):
+        acc.observe(float("nan"))
+    # before any observation keep="best" returns everything accumulated
+    acc.update(0, 1.0, [1], torch.ones(1, 2), torch.ones(2))
+    assert acc.scores().as_dict() == pytest.approx({1: 2.0}) and not acc.holding
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_improvement_weighting_counts_each_round_by_the_fall_of_the_reference_loss(seed):
+    generator = torch.Generator().manual_seed(seed)
+    acc = TracInAccumulator(normalize="cosine", weighting="improvement")
+    acc.observe(1.0)  # baseline before training
+    rounds = [0.8, 0.9, 0.85]  # weights 0.2, 0 (rose), 0.05
+    expected: dict[int, float] = {}
+    previous = 1.0
+    for loss in rounds:
+        round_sum: dict[int, float] = {}
+        for step in range(2):
+            ids = torch.randint(0, 5, (3,), generator=generator)
+            grads, ref = torch.randn(3, 4, generator=generator), torch.randn(4, generator=generator)
+            acc.update(step, 0.5, ids, grads, ref)
+            cos = torch.nn.functional.cosine_similarity(grads, ref[None], dim=1)
+            for k, c in zip(ids.tolist(), cos.tolist()):
+                round_sum[k] = round_sum.get(k, 0.0) + 0.5 / 3 * c
+        weight = max(0.0, previous - loss)
+        for k, value in round_sum.items():
+            expected[k] = expected.get(k, 0.0) + weight / 2 * value
+        acc.observe(loss)
+        assert acc.holding == (loss > previous)
+        assert acc.last_round_weight == pytest.approx(weight)
+        previous = loss
+    assert acc.scores().as_dict() == pytest.approx(expected)
+    clone = TracInAccumulator()
+    clone.load_state_dict(acc.state_dict())
+    assert clone.weighting == "improvement" and clone.scores().as_dict() == pytest.approx(expected)
+    # without a baseline the first round counts 0, and the diagnostics say so
+    late = TracInAccumulator(weighting="improvement")
+    late.update(0, 1.0, [1], torch.ones(1, 2), torch.ones(2))
+    late.observe(0.5)
+    assert late.scores().as_dict() == {1: 0.0} and late.scores().diagnostics["unweighted_steps"] == 1

@@ -17,9 +17,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-Action = Literal["prune", "weight", "restore", "skip"]
+Action = Literal["prune", "weight", "restore", "resample", "skip"]
 Split = Literal["support", "query"]
-ACTIONS: tuple[str, ...] = ("prune", "weight", "restore", "skip")
+ACTIONS: tuple[str, ...] = ("prune", "weight", "restore", "resample", "skip")
 SPLITS: tuple[str, ...] = ("support", "query")
 
 __all__ = ["ACTIONS", "SPLITS", "Decision", "SampleScore", "ScoreRound", "harmful_order"]
@@ -30,7 +30,9 @@ class Decision:
     """One action the callback took (or declined to take) in a round; what rank 0 broadcasts to the others.
 
     ``action``: ``"prune"`` (stop sampling ``task_ids``), ``"weight"`` (set ``weights``, aligned with ``task_ids``),
-    ``"restore"`` (bring pruned ``task_ids`` back) or ``"skip"`` (nothing, ``reason`` says why).
+    ``"restore"`` (bring pruned ``task_ids`` back), ``"resample"`` (efficiency pruning: the previous epoch's
+    dropped tasks come back, then the ``task_ids`` whose weight is 0 are dropped for the coming epoch and the
+    others get their weight) or ``"skip"`` (nothing, ``reason`` says why).
 
     Example:
         >>> Decision(step=10, epoch=0, action="prune", task_ids=[3, 5], reason="score < q10")
@@ -68,6 +70,8 @@ class Decision:
             state.prune(self.task_ids)
         elif self.action == "restore":
             state.restore(self.task_ids)
+        elif self.action == "resample":
+            state.resample(self.task_ids, self.weights or [])
         elif self.action == "weight":
             if self.weights is None:
                 raise ValueError("This 'weight' Decision has no `weights` to apply (one per task id).")

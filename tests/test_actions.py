@@ -33,7 +33,12 @@ def test_policy_never_prunes_on_non_finite_or_helpful_scores():
     helpful = policy.decide(torch.arange(4), torch.tensor([1.0, 2.0, 3.0, 4.0]), set(), round_index=1)
     assert helpful.task_ids == []
     threshold = PruningPolicy(
-        fraction=None, threshold=2.5, only_harmful=False, warmup_rounds=0, max_fraction_per_round=1.0
+        fraction=None,
+        threshold=2.5,
+        only_harmful=False,
+        warmup_rounds=0,
+        max_fraction_per_round=1.0,
+        stable_rounds=1,
     )
     assert threshold.decide(
         torch.arange(4), torch.tensor([1.0, 2.0, 3.0, 4.0]), set(), round_index=1

@@ -106,7 +106,9 @@ def test_csv_logger_and_files_and_pruned_ids_never_sampled_again(tmp_path):
         store=GradientStoreConfig(projection_dim=64),
         actions=[
             TaskWeighting(),
-            PruningPolicy(fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.2, only_harmful=False),
+            PruningPolicy(
+                fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.2, only_harmful=False, stable_rounds=1
+            ),
         ],
         verbose=False,
     )
@@ -219,7 +221,9 @@ def test_failed_solve_warns_and_prunes_nothing(tmp_path):
 
 def test_resume_keeps_pruned_set_and_store(tmp_path):
     seed_all(0)
-    policy = PruningPolicy(fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.2, only_harmful=False)
+    policy = PruningPolicy(
+        fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.2, only_harmful=False, stable_rounds=1
+    )
     config = GradientStoreConfig(projection_dim=32, trajectory=True)
     first = MetaInfluence("trajectory", store=config, actions=[policy], verbose=False)
     dm, _ = digits_setup(task_state=first.task_state)
@@ -259,7 +263,9 @@ def test_detects_corrupted_tasks(tmp_path):
 
 def test_ddp_spawn_two_ranks_agree(tmp_path):
     seed_all(0)
-    policy = PruningPolicy(fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.2, only_harmful=False)
+    policy = PruningPolicy(
+        fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.2, only_harmful=False, stable_rounds=1
+    )
     influence = MetaInfluence(
         "checkpoints", store=GradientStoreConfig(projection_dim=32), actions=[policy], verbose=False
     )

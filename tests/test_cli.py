@@ -199,6 +199,7 @@ def test_fit_with_the_example_config_runs_and_prunes(tmp_path):
         "warmup_rounds": 0,
         "max_fraction_per_round": 0.2,
         "only_harmful": False,
+        "stable_rounds": 1,
     }
     config["trainer"]["callbacks"].append({"class_path": "metaif_helpers.RecordSampledIds"})
     config["data"]["init_args"].update(num_tasks=40, num_test_tasks=10)

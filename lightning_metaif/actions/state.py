@@ -26,6 +26,8 @@ class TaskState:
     def __init__(self) -> None:
         self.weights: dict[int, float] = {}
         self.pruned: set[int] = set()
+        self.dropped: set[int] = set()  # efficiency pruning: pruned for the current epoch only
+        self.rescaled: set[int] = set()  # efficiency pruning: kept tasks re-weighted for the current epoch
         self.version = 0
 
     def set_weights(self, task_ids: Iterable[int], weights: Iterable[float]) -> None:
@@ -44,6 +46,28 @@ class TaskState:
         """Bring pruned tasks back (they are sampled again from the next epoch, with their previous weight)."""
         self.pruned.difference_update(int(t) for t in task_ids)
         self.version += 1
+
+    def resample(self, task_ids: Iterable[int], weights: Iterable[float]) -> None:
+        """Efficiency pruning for the coming epoch: the previous epoch's dropped tasks come back and its
+        re-weighted tasks return to weight 1; then ids with weight 0 are dropped and the others re-weighted.
+
+        Example:
+            >>> state = TaskState()
+            >>> state.resample([1, 2, 3], [0.0, 0.0, 2.0])
+            >>> sorted(state.pruned), state.weight(3)
+            ([1, 2], 2.0)
+            >>> state.resample([3, 1], [0.0, 2.0])
+            >>> sorted(state.pruned), state.weight(2), state.weight(1)
+            ([3], 1.0, 2.0)
+        """
+        self.pruned -= self.dropped
+        for task_id in self.rescaled:
+            self.weights.pop(task_id, None)
+        pairs = [(int(t), float(w)) for t, w in zip(task_ids, weights, strict=True)]
+        self.dropped = {t for t, w in pairs if w == 0.0}
+        self.pruned |= self.dropped
+        self.rescaled = {t for t, w in pairs if w != 0.0}
+        self.set_weights(self.rescaled, [w for _, w in pairs if w != 0.0])
 
     def is_pruned(self, task_id: int) -> bool:
         return int(task_id) in self.pruned
@@ -77,6 +101,8 @@ class TaskState:
             "weight_ids": torch.tensor(ids, dtype=torch.long),
             "weight_values": torch.tensor([self.weights[i] for i in ids], dtype=torch.float64),
             "pruned": torch.tensor(sorted(self.pruned), dtype=torch.long),
+            "dropped": torch.tensor(sorted(self.dropped), dtype=torch.long),
+            "rescaled": torch.tensor(sorted(self.rescaled), dtype=torch.long),
             "version": self.version,
         }
 
@@ -86,4 +112,6 @@ class TaskState:
             for i, w in zip(state["weight_ids"].tolist(), state["weight_values"].tolist(), strict=True)
         }
         self.pruned = {int(i) for i in state["pruned"].tolist()}
+        self.dropped = {int(i) for i in state.get("dropped", torch.zeros(0)).tolist()}
+        self.rescaled = {int(i) for i in state.get("rescaled", torch.zeros(0)).tolist()}
         self.version = int(state.get("version", 0)) + 1

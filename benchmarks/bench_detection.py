@@ -7,7 +7,9 @@ over the epoch checkpoints); the lowest scores are flagged (self-influence: the 
 recall within the first 10/20/40% of the ranking, against random scores.
 
 Samples: the same pool with 5% of all labels flipped (``corrupt_tasks(pool, 1.0, "flip_labels", rate=0.05)``);
-instance-IF scores every support and query sample; AUROC / recall@k over all samples.
+instance-IF scores every support and query sample; AUROC / recall@k over all samples. Query samples also by
+``query_losses`` (each query sample's loss after adaptation, flagged highest), with the adaptation used in
+training (1 inner step) and with 3 and 10 inner steps (an evaluation-time adaptation, same meta-parameters).
 Target: AUROC >= 0.95 for corrupted tasks.
 
 Usage::
@@ -26,7 +28,7 @@ from sklearn.metrics import roc_auc_score
 
 from lightning_metaif.influence.estimators import task_influence
 from lightning_metaif.influence.gradients import per_task_gradients
-from lightning_metaif.influence.instance import instance_influence
+from lightning_metaif.influence.instance import instance_influence, query_losses
 from lightning_metaif.influence.problem import ParamLayout
 from lightning_metaif.influence.tracin import Checkpoint
 from lightning_metaif.meta.datasets import digits_splits
@@ -185,6 +187,22 @@ def sample_detection(splits, epochs: int) -> list[dict]:
             "estimator": "instance_if/cg",
             **detection(-res.query_scores.reshape(-1), q_mask.reshape(-1)),
         },
+        *(
+            {
+                "corruption": "flip_labels (query only)",
+                "estimator": f"query_losses ({steps} inner step{'s' if steps > 1 else ''})",
+                **detection(
+                    query_losses(
+                        MAML(maml.backbone, inner_lr=0.5, inner_steps=steps, num_ways=5),
+                        params,
+                        batch,
+                        chunk_size=50,
+                    ),
+                    q_mask,
+                ),
+            }
+            for steps in (1, 3, 10)
+        ),
         {"corruption": "flip_labels", "estimator": "random", **detection(rnd, truth)},
     ]
 

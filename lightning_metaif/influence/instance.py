@@ -8,6 +8,11 @@ the predicted increase of ``f`` if sample z were removed (``u_z: 1 → 0``) and 
 helpful. One backward of the scalar ``sᵀ g_k`` (a forward-mode directional derivative of ``task_loss``) with
 respect to the weights scores all samples of a task at once. Query weights enter ``task_loss`` linearly, so
 a task's query scores sum to its task-IF score.
+
+:func:`query_losses` is the query side's own signal: each query sample's loss after adaptation,
+``Q · ∂ task_loss / ∂u_z`` (query weights enter linearly), from the same problem contract. A mislabelled query
+sample is one the adapted model cannot fit; this finds flipped query labels far better than instance-IF,
+whose query scores measure the effect on the *reference* tasks (``benchmarks/bench_detection.py``).
 """
 
 from __future__ import annotations
@@ -249,3 +254,68 @@ def _loop_scores(
         supports.append(torch.zeros_like(sw) if d_support is None else d_support.detach())
         queries.append(torch.zeros_like(qw) if d_query is None else d_query.detach())
     return supports, queries
+
+
+def query_losses(
+    problem: Any,
+    params: Params,
+    tasks: Tasks,
+    *,
+    chunk_size: int = 16,
+    vectorize: Vectorize = "auto",
+) -> Tensor | list[Tensor]:
+    """Each query sample's loss after adaptation, ``[M, Q]`` (a list of 1-D tensors for ragged tasks).
+
+    Computed from the problem contract alone as ``Q · ∂ task_loss(λ, task, query_weights=u) / ∂u_z`` at
+    ``u = 1`` (the query weights enter the task loss linearly), so any problem that honours
+    ``query_weights`` works, whatever its adaptation. Higher = the adapted model fits the sample worse: rank
+    by it to find mislabelled query samples. The adaptation is the problem's own (e.g. ``MAML.inner_steps``);
+    with MAML, scoring with the number of inner steps used at evaluation finds more of them.
+
+    Example:
+        >>> import torch
+        >>> from lightning_metaif.influence.tasks import TaskBatch
+        >>> class Mean:  # no adaptation, ℓ_z = (λ − y_z)² / 2, task loss = weighted mean
+        ...     def task_loss(self, params, task, support_weights=None, query_weights=None):
+        ...         losses = 0.5 * (params["w"] - task.query_y) ** 2
+        ...         w = torch.ones_like(losses) if query_weights is None else query_weights
+        ...         return (w * losses).sum() / losses.shape[0]
+        >>> tasks = TaskBatch(torch.zeros(1, 1, 1), torch.zeros(1, 1), torch.zeros(1, 3, 1),
+        ...                   torch.tensor([[1.0, -1.0, 3.0]]), torch.tensor([0]))
+        >>> query_losses(Mean(), {"w": torch.zeros(1, requires_grad=True)}, tasks).tolist()
+        [[0.5, 0.5, 4.5]]
+    """
+    check_problem(problem)
+    params = {k: v.detach() for k, v in trainable(params).items()}
+    if isinstance(tasks, TaskBatch) and use_vmap(tasks, vectorize):
+
+        def loss(qw: Tensor, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
+            return problem.task_loss(params, Task(sx, sy, qx, qy), None, qw)
+
+        fn = vmap(grad(loss))
+        dtype = next(iter(params.values())).dtype
+        rows = []
+        for _, chunk in iter_chunks(tasks, chunk_size):
+            qw = torch.ones(chunk.query_x.shape[:2], dtype=dtype, device=chunk.query_x.device)
+            rows.append(fn(qw, chunk.support_x, chunk.support_y, chunk.query_x, chunk.query_y).detach())
+        out = torch.cat(rows) * tasks.query_x.shape[1]
+        if not torch.isfinite(out).all():
+            raise ValueError("Non-finite query losses: check the tasks' data and the parameters.")
+        return out
+    results = []
+    for position, task in enumerate(tasks):
+        _, num_query = _sample_counts(task)
+        dtype = next(iter(params.values())).dtype
+        qw = torch.ones(num_query, dtype=dtype, device=task.query_x.device, requires_grad=True)
+        with torch.enable_grad():
+            value = problem.task_loss(params, task, None, qw)
+            (d_query,) = torch.autograd.grad(value, [qw], allow_unused=True)
+        if d_query is None:
+            raise ValueError(
+                f"task at position {position}: task_loss ignores query_weights; it must multiply each query "
+                "sample's loss by its weight."
+            )
+        results.append(d_query.detach() * num_query)
+    if len({r.numel() for r in results}) == 1:
+        return torch.stack(results)
+    return results

@@ -20,7 +20,9 @@ accumulates, on the SAME run, every candidate trajectory estimator:
   which it rose are dropped, later improving rounds count again).
 * ``weighted_*``: each epoch's contributions, per step, weighted by how much the reference loss fell over the
   epoch (``max(0, f_start − f_end)``): rounds that improve the reference a lot count a lot, plateaus and rises
-  count little or nothing. ``best_weighted_cosine``: the same, held at the best reference loss.
+  count little or nothing (here every task appears once per epoch, so this equals the engine's
+  ``weighting="improvement"``: the fall times each task's mean contribution in the round, up to a constant).
+  ``best_weighted_cosine``: the same, held at the best reference loss (the ``Trajectory`` default).
 * ``self``: trajectory self-influence ``Σ η g_kᵀ P g_k`` (flag the highest), for comparison.
 
 Reported: the AUROC of flagging the corrupted tasks by the lowest score (self: the highest) at the end of a

@@ -344,6 +344,10 @@ class MetaInfluence(Callback):
         if self._restored:
             self._roll_back_files(trainer)
         self._seen_step = trainer.global_step
+        if not self._restored:
+            for action in self.actions:  # a fresh run: actions forget what an earlier run taught them
+                if callable(getattr(action, "reset", None)):
+                    action.reset()
         # a restored estimator keeps its state: start() only fills in what is missing
         with torch.enable_grad():
             self._run_engine(lambda ctx: self.estimator.start(ctx), self._context(trainer, pl_module, []))
@@ -644,6 +648,7 @@ class MetaInfluence(Callback):
                 "pool_size": len(self._pool_ids),
                 "history": self.history,
                 "diagnostics": dict(diagnostics),
+                "max_epochs": trainer.max_epochs,
             }
             payload = [a.decide_round(round_, self.task_state, **context).to_state() for a in self.actions]
         payload = trainer.strategy.broadcast(payload, src=0)
@@ -698,6 +703,14 @@ class MetaInfluence(Callback):
         )
         if "influence/auroc" in metrics:
             line += f", detection AUROC {metrics['influence/auroc']:.3f}"
+        if metrics.get("influence/scores_held", 0.0) > 0:
+            line += (
+                f"; reference loss rising ({metrics.get('influence/reference_loss', float('nan')):.4g} > best "
+                f"{metrics.get('influence/best_reference_loss', float('nan')):.4g}): scores held at the best round"
+            )
+        for decision in round_.decisions:
+            if decision.action == "restore":
+                line += f"; restored {len(decision.task_ids)} tasks ({decision.reason})"
         return line
 
     @staticmethod
@@ -765,6 +778,9 @@ class MetaInfluence(Callback):
             "store_root": None if self._root is None else str(self._root),
             "history": [dict(h) for h in self.history],
             "decisions": [d.to_state() for d in self.decisions],
+            "actions": [
+                a.state_dict() if callable(getattr(a, "state_dict", None)) else None for a in self.actions
+            ],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -778,6 +794,9 @@ class MetaInfluence(Callback):
         self._restored_store = state_dict.get("store")
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self.decisions = [Decision(**d) for d in state_dict.get("decisions", [])]
+        for action, state in zip(self.actions, state_dict.get("actions", [])):
+            if state is not None and callable(getattr(action, "load_state_dict", None)):
+                action.load_state_dict(state)
         self._restored = True
 
 

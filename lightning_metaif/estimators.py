@@ -204,26 +204,64 @@ class RoundEstimator:
 
 @dataclass
 class Trajectory(RoundEstimator):
-    """TracIn along the real training path (Pruthi et al.), fed at every optimizer step.
+    """TracIn along the real training path (Pruthi et al.), fed at every optimizer step, robust to long runs.
 
-    Step ``t`` adds ``(w_k / B) ∇f(λ_r)ᵀ D_t g_k(λ_t)`` to each task ``k`` of its batch, where ``B`` is the
-    number of tasks the step averaged over (all micro-batches of an accumulated step, all processes), ``w_k``
-    the task's weight in the step's loss, ``D_t`` the step's learning rates times Adam's preconditioner, and
-    ``∇f(λ_r)`` the reference gradient refreshed at each round (at the start of training before the first): one
-    reference gradient per round instead of per step. No projection: the products are exact.
+    Step ``t`` contributes, for each task ``k`` of its batch, ``(w_k / B) cos(√D_t ∇f(λ_r), √D_t g_k(λ_t))`` with
+    the defaults (``⟨∇f, D_t g_k⟩`` with ``normalize="none"``), where ``B`` is the number of tasks the step
+    averaged over (all micro-batches of an accumulated step, all processes), ``w_k`` the task's weight in the
+    step's loss, ``D_t`` the step's learning rates times Adam's preconditioner, and ``∇f(λ_r)`` the reference
+    gradient refreshed at each round (at the start of training before the first). No projection.
+
+    The defaults were chosen by measurement (``benchmarks/bench_trajectory_variants.py``, BENCHMARKS.md): the
+    plain sum inverts when training goes on too long (the signal of late rounds fades to chance while their
+    contributions grow), so by default
+
+    * ``normalize="cosine"``: each step adds a cosine, so late steps with large gradients do not dominate;
+    * ``weighting="improvement"``: a round's contributions count with the weight ``max(0, f_before − f_after)``,
+      how much the reference loss fell over the round (a round where it rose counts nothing);
+    * ``keep="best"``: the scores are those at the round with the lowest reference loss so far (the model
+      ``ModelCheckpoint(monitor=...)`` would keep) and are *held* while the reference loss is above it; the
+      round's ``scores_held`` metric is then 1 and the round line says so.
+
+    ``Trajectory(normalize="none", weighting="none", keep="all")`` is plain TracIn (scores sum to the decrease
+    of the reference loss for small steps).
+
+    Example:
+        >>> Trajectory().settings()["keep"], Trajectory(normalize="none").normalize
+        ('best', 'none')
     """
 
     name: ClassVar[str] = "trajectory"
     traces_steps: ClassVar[bool] = True
+    normalize: str = "cosine"
+    weighting: str = "improvement"
+    keep: str = "best"
 
     def __post_init__(self) -> None:
-        self._accumulator = TracInAccumulator()
+        for arg, value, allowed in (
+            ("normalize", self.normalize, ("none", "cosine")),
+            ("weighting", self.weighting, ("none", "improvement")),
+            ("keep", self.keep, ("all", "best")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"Trajectory({arg}={value!r}): choose one of {allowed}.")
+        self._accumulator = self._new_accumulator()
         self._reference: Tensor | None = None
         self._reference_value = math.nan
+        self._reported: dict[int, tuple[float, float]] = {}
+        self._steps_at_last_round = 0
+
+    def _new_accumulator(self) -> TracInAccumulator:
+        return TracInAccumulator(
+            normalize=self.normalize,  # type: ignore[arg-type]
+            weighting=self.weighting,  # type: ignore[arg-type]
+            keep=self.keep,  # type: ignore[arg-type]
+        )
 
     def start(self, ctx: RoundContext) -> None:
         if self._reference is None:
             self._reference, self._reference_value = _reference(ctx)
+            self._accumulator.observe(self._reference_value)  # the baseline of the first round
 
     def on_step(self, step, task_ids, gradients, *, task_weights, scaling, batch_size) -> None:  # noqa: D102
         if self._reference is None:
@@ -240,39 +278,57 @@ class Trajectory(RoundEstimator):
         )
 
     def has_unscored_steps(self) -> bool:
-        return self._accumulator.steps > 0
+        return self._accumulator.steps > self._steps_at_last_round
 
     def score(self, ctx: RoundContext) -> RoundScores:
-        since_last = self._accumulator.scores()
-        positions = torch.tensor(
-            [ctx.position_of[int(t)] for t in since_last.task_ids.tolist()], dtype=torch.long
-        )
-        steps = self._accumulator.steps
-        self._accumulator = TracInAccumulator()
         previous_value = self._reference_value
         self._reference, self._reference_value = _reference(ctx)  # for the steps until the next round
+        self._accumulator.observe(self._reference_value)
+        totals = self._accumulator.scores()
+        ids = totals.task_ids.tolist()
+        # the callback sums rounds: report what changed since the last report (0 while the scores are held)
+        before = torch.tensor([self._reported.get(int(t), (0.0, 0.0)) for t in ids], dtype=torch.float64)
+        now = torch.stack([totals.scores, totals.self_influence], 1) if ids else before
+        self._reported.update({int(t): (float(a), float(b)) for t, (a, b) in zip(ids, now.tolist())})
+        positions = torch.tensor([ctx.position_of[int(t)] for t in ids], dtype=torch.long)
+        steps = self._accumulator.steps - self._steps_at_last_round
+        self._steps_at_last_round = self._accumulator.steps
+        d = totals.diagnostics
         return RoundScores(
             positions,
-            since_last.scores,
-            since_last.self_influence,
+            (now - before)[:, 0] if ids else torch.zeros(0, dtype=torch.float64),
+            (now - before)[:, 1] if ids else torch.zeros(0, dtype=torch.float64),
             {
                 "steps_traced": float(steps),
                 "reference_loss": self._reference_value,
                 "reference_loss_change": self._reference_value - previous_value,
+                "scores_held": float(bool(d["holding"])),
+                "best_reference_loss": math.nan
+                if d["best_reference_loss"] is None
+                else float(d["best_reference_loss"]),
             },
         )
 
     def state_dict(self) -> dict[str, Any]:
+        ids = sorted(self._reported)
         return {
             "accumulator": self._accumulator.state_dict(),
             "reference": None if self._reference is None else self._reference.detach().cpu().clone(),
             "reference_value": self._reference_value,
+            "reported_ids": torch.tensor(ids, dtype=torch.long),
+            "reported": torch.tensor([self._reported[t] for t in ids], dtype=torch.float64).reshape(-1, 2),
+            "steps_at_last_round": self._steps_at_last_round,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._accumulator = self._new_accumulator()
         self._accumulator.load_state_dict(state["accumulator"])
         self._reference = state.get("reference")
         self._reference_value = float(state.get("reference_value", math.nan))
+        ids = state.get("reported_ids", torch.zeros(0, dtype=torch.long)).tolist()
+        values = state.get("reported", torch.zeros(0, 2, dtype=torch.float64)).tolist()
+        self._reported = {int(t): (float(a), float(b)) for t, (a, b) in zip(ids, values)}
+        self._steps_at_last_round = int(state.get("steps_at_last_round", self._accumulator.steps))
 
 
 @dataclass

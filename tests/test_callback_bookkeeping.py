@@ -20,7 +20,7 @@ from metaif_helpers import (
 
 from lightning_metaif.actions import PruningPolicy, TaskWeighting
 from lightning_metaif.callback import MetaInfluence
-from lightning_metaif.estimators import Checkpoints, TaskIF
+from lightning_metaif.estimators import Checkpoints, TaskIF, Trajectory
 from lightning_metaif.influence.estimators import task_influence
 from lightning_metaif.influence.solvers import Dense
 from lightning_metaif.meta.pools import SequenceTaskPool
@@ -50,7 +50,8 @@ def test_user_module_trajectory_matches_an_independent_tracin(tmp_path, optimize
     every drawn task is scored, B counts every micro-batch, Adam's preconditioner is the one the step used,
     the round schedule follows optimizer steps, and the steps after the last round are scored at the end."""
     seed_all(seed)
-    influence = MetaInfluence("trajectory", every_n_train_steps=2, verbose=False)
+    plain = Trajectory(normalize="none", weighting="none", keep="all")  # plain TracIn: exact sums
+    influence = MetaInfluence(plain, every_n_train_steps=2, verbose=False)
     dm, _ = digits_setup(num_train=24, corrupt=0.25, batch_size=4, seed=seed, task_state=influence.task_state)
     record = RecordSteps()
     module = UserMAML(optimizer, lr=lr)
@@ -82,7 +83,8 @@ def test_user_module_trajectory_matches_an_independent_tracin(tmp_path, optimize
 def test_maml_with_task_weighting_matches_an_independent_tracin(tmp_path):
     """The module steps with weighted task gradients: contributions carry the weights it used."""
     seed_all(0)
-    influence = MetaInfluence("trajectory", actions=[TaskWeighting(strength=2.0)], verbose=False)
+    plain = Trajectory(normalize="none", weighting="none", keep="all")
+    influence = MetaInfluence(plain, actions=[TaskWeighting(strength=2.0)], verbose=False)
     dm, _ = digits_setup(num_train=24, batch_size=6, task_state=influence.task_state)
     record = RecordSteps()
     module = tiny_maml(outer_lr=0.05, optimizer="sgd")

@@ -103,11 +103,12 @@ def test_efficiency_drops_well_learned_tasks_and_keeps_the_expected_weight():
         d = policy.decide(
             ids, torch.zeros(100), set(), round_index=r, losses=losses, max_epochs=1000, epoch=r
         )
-        assert d.action == "resample" and set(d.task_ids) <= well
-        assert set(d.weights) == well - set(d.task_ids)
-        assert all(w == pytest.approx(4 / 3) for w in d.weights.values())
-        state.apply(d)
-        assert state.pruned == set(d.task_ids)  # the previous round's dropped tasks are back
+        dropped = {t for t, w in zip(d.task_ids, d.weights) if w == 0.0}
+        kept = {t: w for t, w in zip(d.task_ids, d.weights) if w != 0.0}
+        assert d.action == "resample" and set(d.task_ids) == well  # only well-learned tasks are touched
+        assert set(kept) == well - dropped and all(w == pytest.approx(4 / 3) for w in kept.values())
+        d.apply(state)
+        assert state.pruned == dropped  # the previous round's dropped tasks are back
         for t in well:
             kept_weight[t] += state.weight(t) / rounds
         assert all(state.weight(t) == 1.0 for t in set(ids.tolist()) - well)
@@ -120,7 +121,7 @@ def test_efficiency_drops_well_learned_tasks_and_keeps_the_expected_weight():
         ids, torch.zeros(100), set(), round_index=rounds + 1, losses=losses, max_epochs=10, epoch=8
     )
     assert end.task_ids == [] and "annealing" in end.reason
-    state.apply(end)
+    end.apply(state)
     assert state.pruned == set() and all(state.weight(t) == 1.0 for t in ids.tolist())
 
 

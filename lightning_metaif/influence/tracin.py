@@ -153,12 +153,13 @@ class TracInAccumulator:
       snapshotted whenever it reaches a new minimum and :meth:`scores` returns that snapshot, the way
       ``ModelCheckpoint(monitor=...)`` keeps the best model: the scores describe the model the user keeps,
       and are *held* (``holding`` is True) while the reference loss is above its best.
-    * ``weighting="improvement"``: a scoring round's contributions count, per step, with the weight
-      ``max(0, f_before − f_after)``: how much the reference loss fell over that round (:meth:`observe`
-      gives the losses; call it once before the first update for the baseline, otherwise the first round
-      counts 0). Rounds where the reference improves a lot dominate; plateaus count little and rounds in
-      which it rose count nothing (``holding`` is True after such a round). Contributions of a round count
-      once it is observed.
+    * ``weighting="improvement"``: each scoring round adds, to each task seen in it, ``max(0, f_before −
+      f_after)`` (how much the reference loss fell over the round) times the task's *mean* contribution
+      ``η_t ∇f_tᵀ P g_k`` (or ``η_t cos``) over its occurrences in the round — no ``1/B``, so with cosines a
+      score is in units of reference loss. :meth:`observe` gives the losses; call it once before the first
+      update for the baseline, otherwise the first round counts 0. Rounds where the reference improves a
+      lot dominate; plateaus count little and rounds in which it rose count nothing (``holding`` is True
+      after such a round). Contributions of a round count once it is observed.
 
     Example:
         >>> import torch
@@ -186,6 +187,7 @@ class TracInAccumulator:
             raise ValueError(f"weighting must be 'none' or 'improvement', got {weighting!r}.")
         self.normalize, self.keep, self.weighting = normalize, keep, weighting
         self._pending = torch.zeros(0, dtype=torch.float64)  # this round's contributions (weighting)
+        self._pending_counts = torch.zeros(0, dtype=torch.long)
         self._pending_steps = 0
         self.last_round_weight: float | None = None
         self.unweighted_steps = 0  # steps observed without a baseline loss (weighting="improvement")
@@ -209,6 +211,7 @@ class TracInAccumulator:
             grow = len(new)
             self._scores = torch.cat([self._scores, torch.zeros(grow, dtype=torch.float64)])
             self._pending = torch.cat([self._pending, torch.zeros(grow, dtype=torch.float64)])
+            self._pending_counts = torch.cat([self._pending_counts, torch.zeros(grow, dtype=torch.long)])
             self._self = torch.cat([self._self, torch.zeros(grow, dtype=torch.float64)])
             self._counts = torch.cat([self._counts, torch.zeros(grow, dtype=torch.long)])
         return torch.tensor([self._index[int(k)] for k in ids], dtype=torch.long)
@@ -294,7 +297,9 @@ class TracInAccumulator:
         if weights is not None:
             contributions = weights * contributions
         if self.weighting == "improvement":
-            self._pending.index_add_(0, positions, contributions)
+            per_task = learning_rate * products.to(device="cpu", dtype=torch.float64)
+            self._pending.index_add_(0, positions, per_task if weights is None else weights * per_task)
+            self._pending_counts.index_add_(0, positions, torch.ones_like(positions))
             self._pending_steps += 1
         else:
             self._scores.index_add_(0, positions, contributions)
@@ -304,8 +309,9 @@ class TracInAccumulator:
         """Record the reference loss of a scoring round; True when it is a new best (scores snapshotted).
 
         With ``keep="best"`` the snapshot is what :meth:`scores` returns; with ``keep="all"`` the loss is
-        only recorded (``holding`` still says whether it is above its best). Raises on a non-finite loss:
-        a diverged reference must not silently freeze or move the scores.
+        only recorded (``holding`` still says whether it is above its best). An observation before any update
+        is a baseline only (the first round's weight with ``weighting="improvement"``), never a best. Raises on
+        a non-finite loss: a diverged reference must not silently freeze or move the scores.
         """
         loss = float(reference_loss)
         if not torch.isfinite(torch.tensor(loss)):
@@ -321,11 +327,14 @@ class TracInAccumulator:
             else:
                 weight = max(0.0, previous - loss)
             if self._pending_steps:
-                self._scores += (weight / self._pending_steps) * self._pending
+                self._scores += weight * self._pending / self._pending_counts.clamp_min(1)
                 self.last_round_weight = weight
             self._pending.zero_()
+            self._pending_counts.zero_()
             self._pending_steps = 0
         self.last_reference_loss = loss
+        if self.steps == 0:  # a baseline before any step: nothing to keep yet
+            return False
         if self.best_reference_loss is not None and loss >= self.best_reference_loss:
             return False
         self.best_reference_loss, self.best_step = loss, self.last_step if step is None else int(step)
@@ -404,6 +413,7 @@ class TracInAccumulator:
             "keep": self.keep,
             "weighting": self.weighting,
             "pending": self._pending.clone(),
+            "pending_counts": self._pending_counts.clone(),
             "pending_steps": self._pending_steps,
             "last_round_weight": self.last_round_weight,
             "unweighted_steps": self.unweighted_steps,
@@ -430,6 +440,11 @@ class TracInAccumulator:
         self.keep = state.get("keep", self.keep)
         self.weighting = state.get("weighting", self.weighting)
         self._pending = state.get("pending", torch.zeros(len(self._index))).clone().to(torch.float64)
+        self._pending_counts = (
+            state.get("pending_counts", torch.zeros(len(self._index), dtype=torch.long))
+            .clone()
+            .to(torch.long)
+        )
         self._pending_steps = int(state.get("pending_steps", 0))
         self.last_round_weight = state.get("last_round_weight")
         self.unweighted_steps = int(state.get("unweighted_steps", 0))

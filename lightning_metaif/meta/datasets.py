@@ -304,7 +304,9 @@ def gaussian_mixture_splits(
         raise ValueError(f"separation and noise must be positive, got {separation} and {noise}.")
     generator = task_generator(seed, 0, SALT_GAUSSIAN_MIXTURE)
     basis, _ = torch.linalg.qr(torch.randn(dim, latent_dim, generator=generator, dtype=torch.float64))
-    means = separation * torch.randn(num_classes, latent_dim, generator=generator, dtype=torch.float64) @ basis.T
+    means = (
+        separation * torch.randn(num_classes, latent_dim, generator=generator, dtype=torch.float64) @ basis.T
+    )
     labels = torch.arange(num_classes).repeat_interleave(samples_per_class)
     inputs = means[labels] + noise * torch.randn(len(labels), dim, generator=generator, dtype=torch.float64)
     split = class_split(list(range(num_classes)), num_val_classes, num_test_classes, seed=seed)

@@ -49,7 +49,7 @@ from lightning_metaif.influence.gradients import reference_gradient
 from lightning_metaif.influence.instance import instance_influence
 from lightning_metaif.influence.problem import Params
 from lightning_metaif.influence.solvers import SolverError
-from lightning_metaif.influence.solvers.settings import SolverSettings, as_solver
+from lightning_metaif.influence.solvers.settings import CG, SolverSettings, as_solver
 from lightning_metaif.influence.tracin import TracInAccumulator, point_scores
 from lightning_metaif.records import SampleScore
 
@@ -487,8 +487,9 @@ class TraceTaskIF(RoundEstimator):
 
     Args:
         hessian_tasks: tasks in the curvature's subsample (``None``: every kept task).
-        solver, damping, l2, curvature, on_error: as for :class:`TaskIF`. CG stops at relative residual 1e-5 by
-            default; a round whose solve misses its tolerance is reported (``influence/solver_converged`` = 0).
+        solver, damping, l2, curvature, on_error: as for :class:`TaskIF`; the default is CG to relative residual
+            1e-3, warm-started; a round whose solve misses its tolerance is reported
+            (``influence/solver_converged`` = 0) and warned about.
         projection_dim: keep the traced gradients projected to this dimension (a seeded random projection;
             memory ``pool × projection_dim``); ``None`` keeps them whole.
     """
@@ -497,8 +498,8 @@ class TraceTaskIF(RoundEstimator):
     over_rounds: ClassVar[Literal["sum", "mean", "latest"]] = "latest"
     traces_steps: ClassVar[bool] = True
     ranks_overlap: ClassVar[str] = "mean"
-    hessian_tasks: int | None = 64
-    solver: str | SolverSettings = "cg"
+    hessian_tasks: int | None = 32
+    solver: str | SolverSettings = field(default_factory=lambda: CG(tolerance=1e-3))
     damping: float | str | None = None
     l2: float = 0.0
     curvature: str | None = None

@@ -760,7 +760,7 @@ class MetaInfluence(Callback):
         self.rolled_back = dropped
         if dropped:
             rank_zero_info(
-                f"MetaInfluence: resumed after round {self.rounds}; dropped what the interrupted run wrote after "
+                f"MetaInfluence: resumed after round {self.rounds - 1}; dropped what the interrupted run wrote after "
                 f"the checkpoint: {', '.join(dropped)}"
             )
 

@@ -436,8 +436,11 @@ class TaskIF(RoundEstimator):
         if self.curvature is not None:
             options["curvature"] = self.curvature
         positions = ctx.objective_positions
-        try:
-            result = task_influence(
+        result = _unless_solver_fails(
+            f"TaskIF(solver={self.solver!r}, damping={self.damping!r}, l2={self.l2!r})",
+            self.on_error,
+            ctx.round_index,
+            lambda: task_influence(
                 ctx.problem,
                 ctx.params,
                 ctx.pool.batch(positions),
@@ -451,19 +454,10 @@ class TaskIF(RoundEstimator):
                 with_self_influence=self.self_influence,
                 **options,
                 **ctx.engine,
-            )
-        except SolverError as error:
-            if self.on_error == "raise":
-                raise
-            warnings.warn(
-                f"TaskIF round {ctx.round_index - 1}: the solve failed, this round's scores are NaN and nothing acts "
-                f"on them: {error} (settings: TaskIF(solver={self.solver!r}, damping={self.damping!r}, "
-                f"l2={self.l2!r}); raise `damping` or `l2` of TaskIF, or pass on_error='raise' to stop.)",
-                UserWarning,
-                stacklevel=2,
-            )
-            nan = torch.full((len(positions),), math.nan, dtype=torch.float64)
-            return RoundScores(positions, nan, None, {"solver_converged": 0.0, "solver_failed": 1.0})
+            ),
+        )
+        if result is None:
+            return _failed_round(positions)
         d = result.diagnostics
         _warn_unconverged("TaskIF", ctx.round_index, settings.name, d)
         diagnostics = _solve_metrics(d)
@@ -557,8 +551,11 @@ class TraceTaskIF(RoundEstimator):
             options["damping"] = self.damping
         if self.curvature is not None:
             options["curvature"] = self.curvature
-        try:
-            direction, d = influence_direction(
+        solved = _unless_solver_fails(
+            f"TraceTaskIF(solver={self.solver!r}, damping={self.damping!r}, l2={self.l2!r})",
+            self.on_error,
+            ctx.round_index,
+            lambda: influence_direction(
                 ctx.problem,
                 ctx.params,
                 ctx.pool.batch(sample),
@@ -571,20 +568,11 @@ class TraceTaskIF(RoundEstimator):
                 seed=ctx.seed,
                 **options,
                 **ctx.engine,
-            )
-        except SolverError as error:
-            if self.on_error == "raise":
-                raise
-            warnings.warn(
-                f"TraceTaskIF round {ctx.round_index - 1}: the solve failed, this round's scores are NaN and nothing "
-                f"acts on them: {error}",
-                UserWarning,
-                stacklevel=2,
-            )
-            mine = ctx.positions
-            return RoundScores(
-                mine, torch.full((len(mine),), math.nan, dtype=torch.float64), None, {"solver_failed": 1.0}
-            )
+            ),
+        )
+        if solved is None:
+            return _failed_round(ctx.positions)
+        direction, d = solved
         self._direction = direction
         _warn_unconverged("TraceTaskIF", ctx.round_index, settings.name, d)
         s = direction.to("cpu", torch.float32)
@@ -604,6 +592,28 @@ class TraceTaskIF(RoundEstimator):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._rows, self._has_row, self._direction = state["rows"], state["has_row"], state["direction"]
+
+
+def _unless_solver_fails(settings: str, on_error: str, round_index: int, call: Callable[[], Any]) -> Any:
+    """Run a solve; on a :class:`SolverError` raise (``on_error="raise"``) or warn and return ``None``."""
+    try:
+        return call()
+    except SolverError as error:
+        if on_error == "raise":
+            raise
+        warnings.warn(
+            f"{settings.split('(')[0]} round {round_index - 1}: the solve failed, this round's scores are NaN and "
+            f"nothing acts on them: {error} (settings: {settings}; raise `damping` or `l2` of "
+            f"{settings.split('(')[0]}, or pass on_error='raise' to stop.)",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def _failed_round(positions: Tensor) -> RoundScores:
+    nan = torch.full((len(positions),), math.nan, dtype=torch.float64)
+    return RoundScores(positions, nan, None, {"solver_converged": 0.0, "solver_failed": 1.0})
 
 
 def _warn_unconverged(owner: str, round_index: int, solver: str, d: dict[str, Any]) -> None:

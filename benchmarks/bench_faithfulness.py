@@ -5,7 +5,8 @@ damped Newton with the exact Hessian to a gradient norm < 1e-10, L2 term so that
 positive definite at λ*, each retraining warm-started from λ*; truth_k = f(λ*_{-k}) − f(λ*) on held-out
 reference tasks. Estimators: task-IF at its defaults (Gauss–Newton curvature, damping="auto", CG), task-IF with the
 Gauss–Newton curvature and no damping (dense), with the exact total Hessian (dense / CG / LiSSA / Arnoldi
-solvers) and with Ren et al.'s Γ surrogate (CG), direct-IF (dense), TracIn at
+solvers), EK-FAC of the Gauss–Newton curvature (problems b and c: nn.Module networks; (a) is a functional problem
+without layers, reported as an error row) and Ren et al.'s Γ surrogate (CG), direct-IF (dense), TracIn at
 λ* (one checkpoint, η = 1: inner-product influence) and its ensemble (λ* plus 5 Gaussian copies, σ = 0.01).
 Reported: Pearson, Spearman and sign agreement with the truth.
 
@@ -119,6 +120,7 @@ ESTIMATORS = {
     "task_if/exact arnoldi": dict(
         estimator="task_if", curvature="exact", solver="arnoldi", damping=1e-3, solver_options={"rank": 20}
     ),
+    "task_if/GN ekfac": dict(estimator="task_if", solver="ekfac"),
     "task_if/gamma cg": dict(estimator="task_if", curvature="gamma", solver="cg", damping=1e-3),
     "direct_if/dense": dict(estimator="direct_if", curvature="exact", solver="dense", damping=0.0),
     "tracin (IP at λ*)": dict(estimator="tracin"),

@@ -39,6 +39,9 @@ from lightning_metaif.influence.problem import ParamLayout, Params, detached, tr
 from lightning_metaif.influence.tasks import Task, Tasks, iter_chunks, select_tasks
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+CACHE_BYTES = 1 << 30
+"""Pseudo meta-gradients of the first pass are kept for the second while they fit in this many bytes;
+beyond, the second pass recomputes them (same seeds, same samples)."""
 EXACT_OUTPUTS = 64
 """Tasks with at most this many query outputs (samples × outputs) use the exact expectation over ``ε`` (one
 pseudo meta-gradient per column of ``H_ℓ^{1/2}``) instead of ``draws`` random cotangents."""
@@ -192,19 +195,29 @@ class EKFACFactors:
         left = [torch.zeros(l.rows, l.rows, dtype=self.dtype, device=self.device) for l in self.layers]
         right = [torch.zeros(l.width, l.width, dtype=self.dtype, device=self.device) for l in self.layers]
         samples = float(count)  # G = (1/M) Σ_k w_k E[g̃_k g̃_kᵀ], estimated over the m fitted tasks
+        cache: list[tuple[Tensor, Tensor]] | None = []
+        cached_bytes = 0
         for weight, grads in self._pseudo_gradients():
+            root = weight.clamp_min(0).sqrt().to(grads)
             for i, matrix in enumerate(self._matrices(grads)):
-                left[i] += torch.einsum("n,nij,nkj->ik", weight, matrix, matrix)
-                right[i] += torch.einsum("n,nji,njk->ik", weight, matrix, matrix)
+                scaled = matrix * root[:, None, None]  # [n, rows, width]; two plain GEMMs below
+                rows_first = scaled.transpose(0, 1).reshape(scaled.shape[1], -1)
+                left[i] += rows_first @ rows_first.T
+                stacked = scaled.reshape(-1, scaled.shape[-1])
+                right[i] += stacked.T @ stacked
+            if cache is not None:  # keep the samples for pass 2 while they fit in CACHE_BYTES
+                cached_bytes += grads.numel() * grads.element_size()
+                cache = cache + [(weight, grads)] if cached_bytes <= CACHE_BYTES else None
+        self.recomputed = cache is None
         self.left_vectors = [torch.linalg.eigh(s / samples)[1] for s in left]
         self.right_vectors = [torch.linalg.eigh(a / samples)[1] for a in right]
         eigenvalues = [
             torch.zeros(l.rows, l.width, dtype=self.dtype, device=self.device) for l in self.layers
         ]
-        for weight, grads in self._pseudo_gradients():
+        for weight, grads in cache if cache is not None else self._pseudo_gradients():
             for i, matrix in enumerate(self._matrices(grads)):
                 rotated = self.left_vectors[i].T @ matrix @ self.right_vectors[i]
-                eigenvalues[i] += torch.einsum("n,nij->ij", weight, rotated * rotated)
+                eigenvalues[i] += (weight.to(rotated)[:, None, None] * rotated * rotated).sum(0)
         self.eigenvalues = [e / samples for e in eigenvalues]
         self.fit_seconds = time.perf_counter() - start
 

@@ -244,12 +244,6 @@ def task_influence(
         target = DirectProblem(problem) if estimator == "direct_if" else problem
         identity_projection = projection if solver == "identity" else None
         t0 = time.perf_counter()
-        grads, losses = per_task_gradients(
-            target, params, train_tasks, task_ids=ids, transform=identity_projection, **engine
-        )
-        diagnostics["gradient_seconds"] = time.perf_counter() - t0
-        diagnostics["mean_task_loss"] = float(losses.mean())
-        t0 = time.perf_counter()
         curv = DampedCurvature(
             target,
             params,
@@ -269,12 +263,8 @@ def task_influence(
             **curv.damping_info,
             curvature_seconds=time.perf_counter() - t0,
         )
-        if estimator == "self":
-            t0 = time.perf_counter()
-            self_influence = curv.quadratic_forms(grads) * weights
-            scores = -self_influence
-            diagnostics.update(solver=solver, solve_seconds=time.perf_counter() - t0)
-        else:
+        result = None
+        if estimator != "self":
             ref_grad, ref_value = reference_gradient(
                 target, params, reference_tasks, utility=utility, **engine
             )
@@ -286,7 +276,31 @@ def task_influence(
             else:
                 result = curv.solve(ref_grad)
             diagnostics.update(solve_diagnostics(result), solve_seconds=time.perf_counter() - t0)
-            scores = weights * (grads @ result.solution) / num_tasks
+        # With one solve and no self-influence, each chunk of task gradients is reduced to its dot products with
+        # s as it is computed: memory O(chunk × p), not O(M × p).
+        stream = result is not None and not with_self_influence
+        transform = identity_projection
+        if stream:
+            direction = result.solution
+
+            def transform(rows: Tensor) -> Tensor:
+                rows = identity_projection(rows) if identity_projection is not None else rows
+                return rows @ direction[:, None].to(rows)
+
+        t0 = time.perf_counter()
+        grads, losses = per_task_gradients(
+            target, params, train_tasks, task_ids=ids, transform=transform, **engine
+        )
+        diagnostics["gradient_seconds"] = time.perf_counter() - t0
+        diagnostics["mean_task_loss"] = float(losses.mean())
+        if result is None:
+            t0 = time.perf_counter()
+            self_influence = curv.quadratic_forms(grads) * weights
+            scores = -self_influence
+            diagnostics.update(solver=solver, solve_seconds=time.perf_counter() - t0)
+        else:
+            dots = grads[:, 0] if stream else grads @ result.solution
+            scores = weights * dots / num_tasks
             if with_self_influence:
                 self_influence = curv.quadratic_forms(grads) * weights
         diagnostics["hessian_products"] = curv.products

@@ -99,3 +99,10 @@ def test_wandb_dashboard_example_writes_an_offline_run(tmp_path):
     assert len(run.table("influence/tasks")["data"]) == 40
     assert main(["report", str(tmp_path)]) == 0  # the walkthrough's last step
     assert (tmp_path / "report.html").is_file()
+
+
+def test_fairness_example_scores_the_pool_against_the_gap_and_plots(tmp_path):
+    result, gaps = load("fairness").main(["--fast", "--output-dir", str(tmp_path)])
+    assert len(result) == 24 and torch.isfinite(result.scores).all()
+    assert result.diagnostics["curvature"] == "gauss_newton" and len(gaps) == 3
+    assert (tmp_path / "fairness.png").stat().st_size > 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,10 @@ from lightning_metaif.estimators import (
     SampleInfluence,
     ScoreTotals,
     as_estimator,
+    seeded_subsample,
 )
 from lightning_metaif.influence.gradients import per_task_gradients
-from lightning_metaif.influence.optim import update_scaling
+from lightning_metaif.influence.optim import learning_rates, update_scaling
 from lightning_metaif.influence.problem import ParamLayout, Params, trainable
 from lightning_metaif.influence.projection import RandomProjection
 from lightning_metaif.influence.solvers import SolverError
@@ -153,6 +155,11 @@ class MetaInfluence(Callback):
             raise ValueError("Pass `reference` (tasks) or `utility` (a function of params), not both.")
         if utility is not None and not callable(utility):
             raise ValueError(f"utility must be a callable params -> scalar, got {type(utility).__name__}.")
+        if store is not None and getattr(store, "trajectory", False) and not self.estimator.traces_steps:
+            raise ValueError(
+                f"GradientStoreConfig(trajectory=True) stores every step's gradients, which only the 'trajectory' "
+                f"estimator traces; {self.estimator.name!r} does not: drop trajectory=True."
+            )
         if store is not None and not isinstance(store, GradientStoreConfig):
             raise ValueError(
                 f"store must be a GradientStoreConfig or None, got {type(store).__name__}: "
@@ -200,6 +207,7 @@ class MetaInfluence(Callback):
         ] = []  # (ids, gradients, weights) of the current step
         self._seen_step = 0
         self._last_round_step: int | None = None
+        self._step_rates: list[float] | None = None
         self._restored = False
         self._store: GradientStore | None = None
         self._projection: RandomProjection | None = None
@@ -248,6 +256,15 @@ class MetaInfluence(Callback):
                 "(adapt on the support set, return the query loss) or use `lightning_metaif.MAML`."
             )
         self._log_dir = trainer.log_dir or trainer.default_root_dir  # read on every rank (can hang otherwise)
+        if any(type(a).__name__ == "TaskWeighting" for a in self.actions) and not hasattr(
+            pl_module, "task_weight_table"
+        ):
+            raise ValueError(
+                f"actions has a TaskWeighting, but {type(pl_module).__name__} has no `task_weight_table`: the "
+                "callback sets it to the task weights, and the module must scale each task's loss by "
+                "task_weight_table.get(task_id, 1.0) (as lightning_metaif.MAML does). Declare "
+                "`self.task_weight_table = {}` in __init__ and read it in training_step, or drop TaskWeighting."
+            )
         # the one binding point: the module scales each task's loss by these weights (0 = pruned)
         pl_module.task_weight_table = self.task_state
         datamodule = getattr(trainer, "datamodule", None)
@@ -343,6 +360,12 @@ class MetaInfluence(Callback):
             self._writer = RoundFileWriter(self._root)
         if self._restored:
             self._roll_back_files(trainer)
+        if not self._restored and self.rounds > 0:
+            rank_zero_warn(
+                "MetaInfluence: this callback already scored an earlier fit; starting over (scores, decisions, "
+                "pruned set and weights reset). Use a new MetaInfluence per run, or resume with ckpt_path=."
+            )
+            self._reset()
         self._seen_step = trainer.global_step
         if not self._restored:
             for action in self.actions:  # a fresh run: actions forget what an earlier run taught them
@@ -351,6 +374,16 @@ class MetaInfluence(Callback):
         # a restored estimator keeps its state: start() only fills in what is missing
         with torch.enable_grad():
             self._run_engine(lambda ctx: self.estimator.start(ctx), self._context(trainer, pl_module, []))
+
+    def _reset(self) -> None:
+        """A fresh start for a second ``fit`` (the task state is cleared in place: samplers hold it)."""
+        self.estimator = dataclasses.replace(self.estimator)  # same settings, empty state
+        self._totals = ScoreTotals(self.estimator.over_rounds, len(self._pool_ids))
+        self.task_state.weights.clear()
+        self.task_state.pruned.clear()
+        self.task_state.version += 1
+        self.rounds, self.history, self.decisions, self.result = 0, [], [], None
+        self._last_round_step = None
 
     # ------------------------------------------------------------------ tracing ------------------------------
 
@@ -371,6 +404,22 @@ class MetaInfluence(Callback):
             grads = self._recompute_gradients(pl_module, tasks)
         self._pending.append((task_ids, grads.detach(), self.task_state.weights_for(task_ids).double()))
         self.timings["trace_seconds"] += time.perf_counter() - start
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if trainer.optimizers and _unwrap(optimizer) is _unwrap(trainer.optimizers[0]):
+            self._step_rates = learning_rates(optimizer)  # a scheduler may change them before the batch ends
+
+    def _scaling(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, rates: list[float] | None
+    ) -> Tensor | None:
+        """``D`` of the last step over the trainable meta-parameters (read after it), ``None`` without one."""
+        if not trainer.optimizers:
+            return None
+        raw = {k: v for k, v in self._raw_params(pl_module).items() if v.requires_grad}
+        scaling = update_scaling(trainer.optimizers[0], raw, rates)
+        return scaling if bool((scaling > 0).any()) else None
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -398,16 +447,18 @@ class MetaInfluence(Callback):
         task_ids = torch.cat([ids for ids, _, _ in pending])
         grads = torch.cat([g for _, g, _ in pending])
         weights = torch.cat([w for _, _, w in pending])
-        scaling = None
-        if trainer.optimizers:  # read *after* the step: Adam's v̂ then includes this step's gradient
-            scaling = update_scaling(trainer.optimizers[0], self._raw_params(pl_module))
+        # read *after* the step (Adam's v̂ then includes this step's gradient), with the rates it used
+        scaling = self._scaling(trainer, pl_module, self._step_rates)
+        self._step_rates = None
         batch_size = len(task_ids) * trainer.world_size  # DDP averages the ranks' meta-gradients
         self.estimator.on_step(
             trainer.global_step, task_ids, grads, task_weights=weights, scaling=scaling, batch_size=batch_size
         )
         if self._store is not None and self.store_config is not None and self.store_config.trajectory:
+            # rows w_k √D g_k with the step's 1/B as its "learning rate": TracIn over the store gives the plain sum
             rows = grads if scaling is None else grads * scaling.to(grads).sqrt()
-            self._store.append_step(trainer.global_step, 1.0, task_ids, self._project(rows))
+            rows = rows * weights.to(rows)[:, None]
+            self._store.append_step(trainer.global_step, 1.0 / batch_size, task_ids, self._project(rows))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_train_steps is not None:
@@ -420,7 +471,7 @@ class MetaInfluence(Callback):
         needed = (
             self.estimator.has_unscored_steps()
             if self.estimator.traces_steps
-            else (self._last_round_step is not None and trainer.global_step != self._last_round_step)
+            else (trainer.global_step > 0 and trainer.global_step != self._last_round_step)
         )
         if needed:  # the steps after the last round are scored too
             self._run_round(trainer, pl_module, can_log=False)
@@ -476,17 +527,15 @@ class MetaInfluence(Callback):
 
         return self._run_engine(call, ctx)
 
-    def _round_positions(self) -> Tensor:
-        """Kept (unpruned) pool positions, a seeded sample of ``max_tasks`` of them when the estimator has one."""
-        kept = torch.tensor(
+    def _kept_positions(self) -> Tensor:
+        return torch.tensor(
             [i for i, t in enumerate(self._pool_ids.tolist()) if not self.task_state.is_pruned(t)],
             dtype=torch.long,
         )
-        limit = self.estimator.max_tasks
-        if limit is None or limit >= len(kept):
-            return kept
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rounds)
-        return kept[torch.randperm(len(kept), generator=generator)[:limit]].sort().values
+
+    def _round_positions(self) -> Tensor:
+        """Kept (unpruned) pool positions, a seeded sample of ``max_tasks`` of them when the estimator has one."""
+        return seeded_subsample(self._kept_positions(), self.estimator.max_tasks, self.seed, self.rounds)
 
     def _context(
         self, trainer: pl.Trainer | None, pl_module: pl.LightningModule, positions: Any
@@ -498,10 +547,8 @@ class MetaInfluence(Callback):
             mine = positions[trainer.global_rank :: trainer.world_size]
         ids = self._pool_ids if self._pool_ids is not None else torch.zeros(0, dtype=torch.long)
         scaling = None
-        if trainer is not None and trainer.optimizers and self._layout is not None:
-            scaling = update_scaling(trainer.optimizers[0], self._raw_params(pl_module))
-            if not bool((scaling > 0).any()):
-                scaling = None
+        if trainer is not None and self._layout is not None:
+            scaling = self._scaling(trainer, pl_module, None)
         return RoundContext(
             problem=pl_module,
             params=self._params(pl_module),
@@ -522,6 +569,7 @@ class MetaInfluence(Callback):
             projection=self._projection,
             store=self._store,
             position_of=self._position_of,
+            num_kept=len(self._kept_positions()) if self._pool_ids is not None else len(positions),
         )
 
     def _run_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, can_log: bool) -> None:
@@ -546,14 +594,17 @@ class MetaInfluence(Callback):
         if out.self_influence is not None:
             self_influence[out.positions] = out.self_influence.to(torch.float64)
         scored[out.positions] = 1.0
-        if self.estimator.splits_across_ranks:
+        if self.estimator.splits_across_ranks and self.estimator.ranks_overlap == "latest":
+            recency = torch.full((num_tasks,), -1.0, dtype=torch.float64)
+            if out.recency is not None:
+                recency[out.positions] = out.recency.to(torch.float64)
+            scores, self_influence, scored = _newest_over_ranks(
+                trainer, recency, scores, self_influence, scored
+            )
+        elif self.estimator.splits_across_ranks:
             scores, self_influence, scored = (
                 _sum_over_ranks(trainer, t) for t in (scores, self_influence, scored)
             )
-            if (
-                self.estimator.ranks_overlap == "mean"
-            ):  # a task scored on several ranks: the mean of their scores
-                scores, self_influence = scores / scored.clamp_min(1), self_influence / scored.clamp_min(1)
         scores, self_influence, scored_mask = self._totals.add(
             scores, self_influence if out.self_influence is not None else None, scored > 0
         )
@@ -673,13 +724,15 @@ class MetaInfluence(Callback):
         if (
             can_log
         ):  # into trainer.callback_metrics on every rank, so ModelCheckpoint / EarlyStopping can monitor
-            pl_module.log_dict(
-                {k: torch.tensor(v, dtype=torch.float32) for k, v in metrics.items()},
-                logger=False,
-                on_step=trainer.training and self.every_n_train_steps is not None,
-                on_epoch=self.every_n_train_steps is None,
-                sync_dist=False,
-            )
+            with warnings.catch_warnings():  # equal on every rank by construction: no sync_dist needed
+                warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+                pl_module.log_dict(
+                    {k: torch.tensor(v, dtype=torch.float32) for k, v in metrics.items()},
+                    logger=False,
+                    on_step=trainer.training and self.every_n_train_steps is not None,
+                    on_epoch=self.every_n_train_steps is None,
+                    sync_dist=False,
+                )
         self.history.append(metrics)
         if not trainer.is_global_zero:
             return
@@ -859,6 +912,10 @@ def _reported_gradients(pl_module: pl.LightningModule, outputs: Any) -> tuple[Te
     return ids, grads, weights.detach().to("cpu", torch.float64).reshape(-1)
 
 
+def _unwrap(optimizer: Any) -> Any:
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def _find_task_sampler(loader: Any) -> TaskSampler | None:
     for candidate in (
         getattr(loader, "sampler", None),
@@ -867,6 +924,20 @@ def _find_task_sampler(loader: Any) -> TaskSampler | None:
         if isinstance(candidate, TaskSampler):
             return candidate
     return None
+
+
+def _newest_over_ranks(trainer: pl.Trainer, recency: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
+    """Per task, the values of the rank whose data are the newest (highest ``recency``; -1 = none)."""
+    if trainer.world_size <= 1:
+        return values
+    device = trainer.strategy.root_device
+    gathered = [
+        trainer.strategy.all_gather(v.to(device)).reshape(trainer.world_size, -1).cpu()
+        for v in (recency, *values)
+    ]
+    best = gathered[0].argmax(0)
+    columns = torch.arange(best.numel())
+    return tuple(g[best, columns].to(v.dtype) for g, v in zip(gathered[1:], values))
 
 
 def _sum_over_ranks(trainer: pl.Trainer, values: Tensor) -> Tensor:

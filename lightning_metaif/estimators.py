@@ -96,6 +96,28 @@ class RoundContext:
     store: Any = None
     position_of: dict[int, int] = field(default_factory=dict)
     progress: Callable[[int, int], None] | None = None  # (tasks done, tasks in the round) for a progress bar
+    num_kept: int = (
+        0  # kept (unpruned) tasks: M of the training objective (objective_positions may be a sample)
+    )
+
+    @property
+    def objective_size(self) -> int:
+        """``M``, the number of tasks of the training objective (the kept tasks)."""
+        return self.num_kept or len(self.objective_positions)
+
+
+def seeded_subsample(positions: Tensor, limit: int | None, seed: int, round_index: int) -> Tensor:
+    """At most ``limit`` of ``positions``, a seeded random sample (sorted), the same on every process.
+
+    Example:
+        >>> seeded_subsample(torch.arange(10), 3, seed=0, round_index=1).tolist() == seeded_subsample(
+        ...     torch.arange(10), 3, seed=0, round_index=1).tolist()
+        True
+    """
+    if limit is None or limit >= len(positions):
+        return positions
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + round_index)
+    return positions[torch.randperm(len(positions), generator=generator)[:limit]].sort().values
 
 
 def _in_slices(
@@ -128,6 +150,9 @@ class RoundScores:
     scores: Tensor
     self_influence: Tensor | None = None
     diagnostics: dict[str, float] = field(default_factory=dict)
+    recency: Tensor | None = (
+        None  # the step each score's data is from (ranks_overlap="latest" keeps the newest)
+    )
 
 
 def _reference(ctx: RoundContext) -> tuple[Tensor, float]:
@@ -147,9 +172,28 @@ def _index_in(all_positions: Tensor, subset: Tensor) -> Tensor:
     return torch.tensor([where[int(p)] for p in subset.tolist()], dtype=torch.long)
 
 
-def _check_max_tasks(owner: str, value: int | None) -> None:
+def _check_max_tasks(owner: str, value: int | None, argument: str = "max_tasks") -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"{owner}(max_tasks={value!r}) must be a positive integer or None (every task).")
+        raise ValueError(f"{owner}({argument}={value!r}) must be a positive integer or None (every task).")
+
+
+def _check_curvature(owner: str, value: str | None) -> None:
+    from lightning_metaif.influence.curvature import CURVATURES
+
+    if value is not None and value not in CURVATURES:
+        raise ValueError(
+            f"{owner}(curvature={value!r}): choose one of {CURVATURES} (or None: the engine's default)."
+        )
+
+
+def _curvature_options(damping: Any, l2: float, curvature: str | None) -> dict[str, Any]:
+    """The engine keywords of damping, L2 and curvature (``None`` = the engine's default)."""
+    options: dict[str, Any] = {"l2": l2}
+    if damping is not None:
+        options["damping"] = damping
+    if curvature is not None:
+        options["curvature"] = curvature
+    return options
 
 
 class RoundEstimator:
@@ -367,6 +411,8 @@ class Checkpoints(RoundEstimator):
             **ctx.engine,
         )
         weights = ctx.weights[_index_in(ctx.positions, positions)].to(torch.float64)
+        # a sampled round stands for the whole kept pool: kept/sampled makes each task's sum over rounds unbiased
+        weights = weights * (ctx.objective_size / max(len(ctx.objective_positions), 1))
         if ctx.store is not None:
             ctx.store.write_checkpoint(ctx.step, 1.0, ids, out["rows"])
         return RoundScores(
@@ -382,7 +428,7 @@ class TaskIF(RoundEstimator):
     """Ren et al.'s task influence at the current parameters: ``(w_k / M) g_kᵀ (H + δI)^{-1} ∇f``.
 
     ``H`` is the total Hessian of the round's training objective: the kept (unpruned) tasks, with their
-    weights. Scores of one round are not mixed with those of earlier rounds (parameters moved in between):
+    weights (with ``max_tasks``, estimated on a seeded sample of them; ``M`` stays the number of kept tasks). Scores of one round are not mixed with those of earlier rounds (parameters moved in between):
     each round reports, and actions act on, the tasks scored in that round only.
 
     Args:
@@ -427,14 +473,11 @@ class TaskIF(RoundEstimator):
         if self.on_error not in ("warn", "raise"):
             raise ValueError(f"TaskIF(on_error={self.on_error!r}) must be 'warn' or 'raise'.")
         _check_max_tasks("TaskIF", self.max_tasks)
+        _check_curvature("TaskIF", self.curvature)
 
     def score(self, ctx: RoundContext) -> RoundScores:
         settings = as_solver(self.solver)
-        options: dict[str, Any] = {"l2": self.l2}
-        if self.damping is not None:
-            options["damping"] = self.damping
-        if self.curvature is not None:
-            options["curvature"] = self.curvature
+        options = _curvature_options(self.damping, self.l2, self.curvature)
         positions = ctx.objective_positions
         result = _unless_solver_fails(
             f"TaskIF(solver={self.solver!r}, damping={self.damping!r}, l2={self.l2!r})",
@@ -464,9 +507,9 @@ class TaskIF(RoundEstimator):
         self_influence = None
         if result.self_influence is not None:
             self_influence = result.self_influence.detach().to("cpu", torch.float64)
-        return RoundScores(
-            positions, result.scores.detach().to("cpu", torch.float64), self_influence, diagnostics
-        )
+        # the engine divides by the sample's size; the objective has M = kept tasks (the sample estimates H only)
+        scores = result.scores.detach().to("cpu", torch.float64) * (len(positions) / ctx.objective_size)
+        return RoundScores(positions, scores, self_influence, diagnostics)
 
 
 @dataclass
@@ -491,7 +534,7 @@ class TraceTaskIF(RoundEstimator):
     name: ClassVar[str] = "task_if_trace"
     over_rounds: ClassVar[Literal["sum", "mean", "latest"]] = "latest"
     traces_steps: ClassVar[bool] = True
-    ranks_overlap: ClassVar[str] = "mean"
+    ranks_overlap: ClassVar[str] = "latest"  # a task traced on several processes: its newest gradient counts
     hessian_tasks: int | None = 32
     solver: str | SolverSettings = field(default_factory=lambda: CG(tolerance=1e-3))
     damping: float | str | None = None
@@ -502,7 +545,8 @@ class TraceTaskIF(RoundEstimator):
 
     def __post_init__(self) -> None:
         TaskIF(solver=self.solver, damping=self.damping, l2=self.l2, on_error=self.on_error)  # same checks
-        _check_max_tasks("TraceTaskIF", self.hessian_tasks)
+        _check_max_tasks("TraceTaskIF", self.hessian_tasks, "hessian_tasks")
+        _check_curvature("TraceTaskIF", self.curvature)
         if self.projection_dim is not None and (
             not isinstance(self.projection_dim, int) or self.projection_dim < 1
         ):
@@ -511,6 +555,7 @@ class TraceTaskIF(RoundEstimator):
             )
         self._rows: Tensor | None = None
         self._has_row: Tensor | None = None
+        self._row_step: Tensor | None = None
         self._position_of: dict[int, int] = {}
         self._projection: Any = None
         self._direction: Tensor | None = None
@@ -526,6 +571,7 @@ class TraceTaskIF(RoundEstimator):
         if self._rows is None or self._rows.shape != (len(self._position_of), dim):
             self._rows = torch.zeros(len(self._position_of), dim)
             self._has_row = torch.zeros(len(self._position_of), dtype=torch.bool)
+            self._row_step = torch.full((len(self._position_of),), -1, dtype=torch.long)
 
     def on_step(self, step, task_ids, gradients, *, task_weights, scaling, batch_size) -> None:  # noqa: D102
         rows = gradients.detach()
@@ -534,23 +580,13 @@ class TraceTaskIF(RoundEstimator):
         positions = torch.tensor([self._position_of[int(t)] for t in task_ids.tolist()], dtype=torch.long)
         self._rows[positions] = rows.to("cpu", self._rows.dtype)
         self._has_row[positions] = True
+        self._row_step[positions] = int(step)
 
     def score(self, ctx: RoundContext) -> RoundScores:
         settings = as_solver(self.solver)
         objective = ctx.objective_positions
-        sample = objective
-        if self.hessian_tasks is not None and self.hessian_tasks < len(objective):
-            generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.round_index)
-            sample = (
-                objective[torch.randperm(len(objective), generator=generator)[: self.hessian_tasks]]
-                .sort()
-                .values
-            )
-        options: dict[str, Any] = {"l2": self.l2}
-        if self.damping is not None:
-            options["damping"] = self.damping
-        if self.curvature is not None:
-            options["curvature"] = self.curvature
+        sample = seeded_subsample(objective, self.hessian_tasks, ctx.seed, ctx.round_index)
+        options = _curvature_options(self.damping, self.l2, self.curvature)
         solved = _unless_solver_fails(
             f"TraceTaskIF(solver={self.solver!r}, damping={self.damping!r}, l2={self.l2!r})",
             self.on_error,
@@ -571,27 +607,31 @@ class TraceTaskIF(RoundEstimator):
             ),
         )
         if solved is None:
-            return _failed_round(ctx.positions)
+            return _failed_round(objective)
         direction, d = solved
         self._direction = direction
         _warn_unconverged("TraceTaskIF", ctx.round_index, settings.name, d)
         s = direction.to("cpu", torch.float32)
         if self._projection is not None:
             s = self._projection(s[None])[0]
-        mine = ctx.positions[self._has_row[ctx.positions]]
-        weights = ctx.weights[_index_in(ctx.positions, mine)]
-        scores = direction_scores(self._rows[mine], s, weights, len(objective)).to(torch.float64)
-        return RoundScores(mine, scores, None, _solve_metrics(d))
+        # every kept task this process traced (under DDP each process holds the rows of the tasks it trained on;
+        # the callback keeps, per task, the score from the newest row)
+        mine = objective[self._has_row[objective]]
+        weights = ctx.objective_weights[_index_in(objective, mine)]
+        scores = direction_scores(self._rows[mine], s, weights, ctx.objective_size).to(torch.float64)
+        return RoundScores(mine, scores, None, _solve_metrics(d), recency=self._row_step[mine].clone())
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "rows": None if self._rows is None else self._rows.clone(),
             "has_row": None if self._has_row is None else self._has_row.clone(),
+            "row_step": None if self._row_step is None else self._row_step.clone(),
             "direction": None if self._direction is None else self._direction.detach().cpu().clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._rows, self._has_row, self._direction = state["rows"], state["has_row"], state["direction"]
+        self._row_step = state.get("row_step")
 
 
 def _unless_solver_fails(settings: str, on_error: str, round_index: int, call: Callable[[], Any]) -> Any:

@@ -119,10 +119,19 @@ class UserMAML(pl.LightningModule):
     """A user's own one-step MAML with *automatic* optimisation (no gradient reporting): the callback recomputes
     per-task gradients. Reads the callback's task weights through ``task_weight_table`` like ``MAML`` does."""
 
-    def __init__(self, optimizer: str = "sgd", lr: float = 0.05, inner_lr: float = 0.5) -> None:
+    def __init__(
+        self,
+        optimizer: str = "sgd",
+        lr: float = 0.05,
+        inner_lr: float = 0.5,
+        decay: float | None = None,
+        freeze_first_bias: bool = False,
+    ) -> None:
         super().__init__()
         self.net = tiny_backbone()
-        self.optimizer_name, self.lr, self.inner_lr = optimizer, lr, inner_lr
+        if freeze_first_bias:
+            self.net[1].bias.requires_grad_(False)
+        self.optimizer_name, self.lr, self.inner_lr, self.decay = optimizer, lr, inner_lr, decay
         self.task_weight_table: dict = {}
 
     def meta_parameters(self):
@@ -131,8 +140,9 @@ class UserMAML(pl.LightningModule):
     def task_loss(self, params, task, support_weights=None, query_weights=None):
         support = torch.func.functional_call(self.net, params, (task.support_x,))
         inner = nn.functional.cross_entropy(support, task.support_y)
-        grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
-        adapted = {n: p - self.inner_lr * g for (n, p), g in zip(params.items(), grads)}
+        free = {n: p for n, p in params.items() if p.requires_grad}
+        grads = torch.autograd.grad(inner, list(free.values()), create_graph=True)
+        adapted = dict(params) | {n: p - self.inner_lr * g for (n, p), g in zip(free.items(), grads)}
         query = torch.func.functional_call(self.net, adapted, (task.query_x,))
         return nn.functional.cross_entropy(query, task.query_y)
 
@@ -143,9 +153,15 @@ class UserMAML(pl.LightningModule):
         return (weights * losses).sum() / len(losses)
 
     def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
         if self.optimizer_name == "adam":
-            return torch.optim.Adam(self.parameters(), lr=self.lr)
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
+            optimizer = torch.optim.Adam(params, lr=self.lr)
+        else:
+            optimizer = torch.optim.SGD(params, lr=self.lr)
+        if self.decay is None:
+            return optimizer
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.decay**step)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 class RecordSteps(pl.Callback):
@@ -169,12 +185,13 @@ class RecordSteps(pl.Callback):
         self.final = {n: p.detach().clone() for n, p in MetaInfluence._raw_params(pl_module).items()}
 
 
-def _flat_grad(module, params, tasks) -> torch.Tensor:
-    """Mean task loss gradient at ``params``, by plain autograd, one task at a time (no engine code)."""
-    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+def _flat_grad(module, params, tasks, frozen=()) -> torch.Tensor:
+    """Per-task loss gradients at ``params`` (all but ``frozen`` names), by plain autograd, one task at a time."""
+    leaves = {n: p.detach().clone().requires_grad_(n not in frozen) for n, p in params.items()}
+    free = [v for n, v in leaves.items() if n not in frozen]
     rows = []
     for task in tasks:
-        grads = torch.autograd.grad(module.task_loss(leaves, task), list(leaves.values()))
+        grads = torch.autograd.grad(module.task_loss(leaves, task), free)
         rows.append(torch.cat([g.reshape(-1) for g in grads]))
     return torch.stack(rows)
 
@@ -191,29 +208,33 @@ def independent_tracin(
     betas=(0.9, 0.999),
     eps=1e-8,
     world_size=1,
+    decay=None,
+    frozen=(),
 ):
     """TracIn along the recorded path, written from the formulas (no engine or callback code):
     score_k = Σ_t (w_k / B_t) ⟨∇f(λ_r(t)), D_t g_k(λ_t)⟩ with ``D_t = lr`` (SGD) or Adam's
-    ``lr / (√v̂_t + ε)`` recomputed from the weighted batch gradients; ∇f refreshed after each round step.
+    ``lr / (√v̂_t + ε)`` recomputed from the weighted batch gradients; ∇f refreshed after each round step;
+    ``lr_t = lr · decay^(t-1)`` with a per-step decay; ``frozen`` parameter names take no part.
     Returns ({task_id: score}, {task_id: self-influence g_kᵀ D_t g_k w_k summed})."""
     steps = sorted(record.steps)
     ref_tasks = list(reference)
     ids_in_order = pool.task_ids.tolist()
-    reference_grad = _flat_grad(module, record.steps[steps[0]]["params"], ref_tasks).mean(0).double()
+    reference_grad = _flat_grad(module, record.steps[steps[0]]["params"], ref_tasks, frozen).mean(0).double()
     scores, selfs = {}, {}
     v = None
     for t, s in enumerate(steps, start=1):
         entry = record.steps[s]
         tasks = [pool[ids_in_order.index(i)] for i in entry["ids"]]
-        grads = _flat_grad(module, entry["params"], tasks).double()
+        grads = _flat_grad(module, entry["params"], tasks, frozen).double()
+        rate = lr if decay is None else lr * decay ** (t - 1)
         weights = torch.tensor(entry["weights"], dtype=torch.float64)
         b = len(entry["ids"]) * world_size
         if optimizer == "adam":
             mean = (weights[:, None] * grads).sum(0) / b
             v = (1 - betas[1]) * mean**2 if v is None else betas[1] * v + (1 - betas[1]) * mean**2
-            d = lr / ((v / (1 - betas[1] ** t)).sqrt() + eps)
+            d = rate / ((v / (1 - betas[1] ** t)).sqrt() + eps)
         else:
-            d = torch.full((grads.shape[1],), float(lr), dtype=torch.float64)
+            d = torch.full((grads.shape[1],), float(rate), dtype=torch.float64)
         for k, task_id in enumerate(entry["ids"]):
             scores[task_id] = scores.get(task_id, 0.0) + float(
                 weights[k] / b * (grads[k] * d) @ reference_grad
@@ -221,5 +242,5 @@ def independent_tracin(
             selfs[task_id] = selfs.get(task_id, 0.0) + float(weights[k] * (grads[k] * d) @ grads[k])
         if s + 1 in round_steps:  # the callback refreshes ∇f at each round, at the parameters after the step
             after = record.steps[s + 1]["params"] if s + 1 in record.steps else record.final
-            reference_grad = _flat_grad(module, after, ref_tasks).mean(0).double()
+            reference_grad = _flat_grad(module, after, ref_tasks, frozen).mean(0).double()
     return scores, selfs

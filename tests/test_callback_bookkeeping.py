@@ -80,6 +80,32 @@ def test_user_module_trajectory_matches_an_independent_tracin(tmp_path, optimize
     _assert_close({k: self_influence[k] for k in expected_self}, expected_self, rtol=rtol)  # gᵀDg, not gᵀD²g
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_scheduled_learning_rate_and_a_frozen_parameter(tmp_path, optimizer):
+    """A per-step scheduler moves the rate before on_train_batch_end: the step's own rate is used; a frozen
+    parameter in meta_parameters() takes no part (and Adam stays on for the others)."""
+    seed_all(4)
+    plain = Trajectory(normalize="none", weighting="none", keep="all")
+    influence = MetaInfluence(plain, every_n_train_steps=3, verbose=False)
+    dm, _ = digits_setup(num_train=20, batch_size=4, seed=4, task_state=influence.task_state)
+    record = RecordSteps()
+    lr = 0.05 if optimizer == "sgd" else 5e-3
+    module = UserMAML(optimizer, lr=lr, decay=0.6, freeze_first_bias=True)
+    trainer(tmp_path, [influence, record], max_epochs=1).fit(module, datamodule=dm)
+    expected, _ = independent_tracin(
+        module,
+        record,
+        dm.train_pool,
+        dm.val_pool,
+        {h["influence/step"] for h in influence.history},
+        optimizer=optimizer,
+        lr=lr,
+        decay=0.6,
+        frozen=("1.bias",),
+    )
+    _assert_close(_by_id(influence.result), expected, rtol=1e-3 if optimizer == "adam" else 1e-4)
+
+
 def test_maml_with_task_weighting_matches_an_independent_tracin(tmp_path):
     """The module steps with weighted task gradients: contributions carry the weights it used."""
     seed_all(0)
@@ -157,7 +183,11 @@ def test_task_if_scores_only_the_round_sample_with_the_kept_objective(tmp_path):
         curvature="exact",
     )
     got = r.scores[r.scored]
-    torch.testing.assert_close(got, reference.scores.double(), rtol=1e-4, atol=1e-7)
+    pruned_now = {t for d in pruned_in_round for t in d.task_ids}
+    kept = 20 - len(
+        influence.task_state.pruned - pruned_now
+    )  # M of the round's objective (the sample: H only)
+    torch.testing.assert_close(got, reference.scores.double() * 10 / kept, rtol=1e-4, atol=1e-7)
 
 
 def test_checkpoints_with_adam_uses_the_step_preconditioner(tmp_path):
@@ -313,3 +343,60 @@ def test_trace_task_if_equals_an_independent_solve_on_the_traced_gradients(tmp_p
         expected[task_id] = float(g.double() @ s) / 12
     _assert_close(_by_id(influence.result), expected, rtol=2e-3)
     assert influence.history[-1]["influence/solver_converged"] == 1.0
+
+
+def test_non_tracing_estimator_scores_the_end_when_no_round_was_due(tmp_path):
+    seed_all(0)
+    influence = MetaInfluence(Checkpoints(), every_n_epochs=5, verbose=False)
+    dm, _ = digits_setup(num_train=12, corrupt=0, batch_size=4, task_state=influence.task_state)
+    trainer(tmp_path, [influence], max_epochs=2).fit(tiny_maml(), datamodule=dm)
+    assert influence.rounds == 1 and influence.result.step == 6  # the end of training, 2 epochs x 3 steps
+
+
+def test_checkpoints_with_max_tasks_sums_an_unbiased_estimate():
+    """A sampled round stands for the kept pool: each sampled task's term is scaled by kept / sampled."""
+    import dataclasses
+
+    from test_estimators_objects import _context
+
+    ctx = _context(20)
+    whole = Checkpoints().score(ctx)
+    sample = ctx.positions[::4]
+    sampled = Checkpoints().score(
+        dataclasses.replace(
+            ctx, positions=sample, weights=ctx.weights[sample], objective_positions=sample, num_kept=20
+        )
+    )
+    torch.testing.assert_close(sampled.scores, whole.scores[sample] * 4, rtol=1e-6, atol=1e-9)
+
+
+def test_a_second_fit_starts_over(tmp_path):
+    seed_all(0)
+    influence = MetaInfluence(
+        "trajectory", actions=[PruningPolicy(fraction=0.2, warmup_rounds=0)], verbose=False
+    )
+    dm, _ = digits_setup(num_train=12, batch_size=4, task_state=influence.task_state)
+    trainer(tmp_path, [influence], max_epochs=1).fit(tiny_maml(), datamodule=dm)
+    assert influence.rounds == 1
+    with pytest.warns(UserWarning, match="starting over"):
+        trainer(tmp_path, [influence], max_epochs=2).fit(tiny_maml(), datamodule=dm)
+    assert influence.rounds == 2 and [h["influence/round"] for h in influence.history] == [1.0, 2.0]
+
+
+def test_settings_that_cannot_apply_are_refused(tmp_path):
+    from lightning_metaif.config import GradientStoreConfig
+    from lightning_metaif.estimators import TraceTaskIF
+
+    with pytest.raises(ValueError, match="only the 'trajectory' estimator traces"):
+        MetaInfluence(Checkpoints(), store=GradientStoreConfig(trajectory=True))
+    with pytest.raises(ValueError, match=r"TraceTaskIF\(hessian_tasks=0\)"):
+        TraceTaskIF(hessian_tasks=0)
+    with pytest.raises(ValueError, match=r"TaskIF\(curvature='gauss-newton'\)"):
+        TaskIF(curvature="gauss-newton")
+    from metaif_helpers import HigherUserModule
+
+    module = HigherUserModule()  # reads no task_weight_table
+    influence = MetaInfluence(actions=[TaskWeighting()], verbose=False)
+    dm, _ = digits_setup(num_train=8, corrupt=0, task_state=influence.task_state)
+    with pytest.raises(ValueError, match="has no `task_weight_table`"):
+        trainer(tmp_path, [influence], max_epochs=1).fit(module, datamodule=dm)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["adam_preconditioner", "update_scaling"]
+__all__ = ["adam_preconditioner", "learning_rates", "update_scaling"]
 
 
 def _unwrap(optimizer: object) -> torch.optim.Optimizer:
@@ -33,7 +33,8 @@ def adam_preconditioner(optimizer: object, params: Mapping[str, Tensor]) -> Tens
     """Flat ``1 / (√v̂ + ε)`` of Adam / AdamW for ``params`` (in their order), read after a step.
 
     Every parameter group's own ``β₂`` and ``ε`` are used, and with ``amsgrad`` the running maximum of ``v``.
-    Returns ``None`` when the optimiser is not Adam / AdamW or has not stepped yet on every parameter.
+    Returns ``None`` when the optimiser is not Adam / AdamW or has not stepped yet on any parameter; a parameter
+    it holds no state for (not in its groups, or never given a gradient) gets 1 (no preconditioning).
 
     Example:
         >>> w = torch.nn.Parameter(torch.ones(2))
@@ -46,25 +47,36 @@ def adam_preconditioner(optimizer: object, params: Mapping[str, Tensor]) -> Tens
     if not _is_adam(optimizer):
         return None
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    parts = []
+    parts, stepped = [], False
     for param in params.values():
         state = optimizer.state.get(param)
         group = group_of.get(id(param))
         if not state or "exp_avg_sq" not in state or group is None:
-            return None
+            parts.append(torch.ones(param.numel(), dtype=param.dtype, device=param.device))
+            continue
+        stepped = True
         beta2, eps = group["betas"][1], group["eps"]
         step = float(state["step"])
         v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
         v_hat = v / (1.0 - beta2**step)
         parts.append((1.0 / (v_hat.sqrt() + eps)).reshape(-1))
-    return torch.cat(parts)
+    return torch.cat(parts) if stepped else None
 
 
-def update_scaling(optimizer: object, params: Mapping[str, Tensor]) -> Tensor:
+def learning_rates(optimizer: object) -> list[float]:
+    """Each parameter group's current learning rate: snapshot it *before* the step (a scheduler may move it
+    before the hooks that run after the step)."""
+    return [float(g["lr"]) for g in _unwrap(optimizer).param_groups]
+
+
+def update_scaling(
+    optimizer: object, params: Mapping[str, Tensor], rates: list[float] | None = None
+) -> Tensor:
     """Flat ``D_t`` of the step just taken: each coordinate's learning rate times Adam's preconditioner.
 
-    Parameters that no group of ``optimizer`` holds get 0 (the step did not move them). Read it after
-    ``optimizer.step()``.
+    ``rates``: the groups' learning rates the step used (from :func:`learning_rates` before the step; default:
+    the current ones). Parameters that no group of ``optimizer`` holds get 0 (the step did not move them).
+    Read it after ``optimizer.step()``.
 
     Example:
         >>> a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
@@ -73,13 +85,18 @@ def update_scaling(optimizer: object, params: Mapping[str, Tensor]) -> Tensor:
         [0.1, 0.1, 0.5]
     """
     optimizer = _unwrap(optimizer)
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    rates = []
+    rates = learning_rates(optimizer) if rates is None else list(rates)
+    if len(rates) != len(optimizer.param_groups):
+        raise ValueError(
+            f"rates has {len(rates)} entries for {len(optimizer.param_groups)} parameter groups."
+        )
+    group_index = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    parts = []
     for param in params.values():
-        group = group_of.get(id(param))
-        rate = 0.0 if group is None else float(group["lr"])
-        rates.append(torch.full((param.numel(),), rate, dtype=torch.float64))
-    scaling = torch.cat(rates) if rates else torch.zeros(0, dtype=torch.float64)
+        index = group_index.get(id(param))
+        rate = 0.0 if index is None else rates[index]
+        parts.append(torch.full((param.numel(),), rate, dtype=torch.float64))
+    scaling = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
     preconditioner = adam_preconditioner(optimizer, params)
     if preconditioner is not None:
         scaling = scaling * preconditioner.detach().to("cpu", torch.float64)

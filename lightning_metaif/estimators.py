@@ -329,6 +329,13 @@ class Trajectory(RoundEstimator):
         self._reference, self._reference_value = _reference(ctx)  # for the steps until the next round
         self._accumulator.observe(self._reference_value)
         totals = self._accumulator.scores()
+        # a held snapshot has no data on tasks first seen after it: they stay unscored (not 0)
+        seen = totals.diagnostics["counts"] > 0
+        totals.task_ids, totals.scores, totals.self_influence = (
+            totals.task_ids[seen],
+            totals.scores[seen],
+            totals.self_influence[seen],
+        )
         ids = totals.task_ids.tolist()
         # the callback sums rounds: report what changed since the last report (0 while the scores are held)
         before = torch.tensor([self._reported.get(int(t), (0.0, 0.0)) for t in ids], dtype=torch.float64)

@@ -29,6 +29,7 @@ def _context(num_tasks, progress=None):
         round_index=3,
         seed=5,
         progress=progress,
+        position_of={int(t): i for i, t in enumerate(splits.train.task_ids.tolist())},
     )
 
 
@@ -77,3 +78,26 @@ def test_estimator_names_and_settings():
     assert settings["name"] == "task_if" and settings["solver"] == "cg"
     with pytest.raises(ValueError, match=r"Checkpoints\(max_tasks=0\)"):
         Checkpoints(max_tasks=0)
+
+
+def test_trajectory_held_at_the_best_round_leaves_later_tasks_unscored():
+    """keep="best": while the reference loss is above its best, tasks first seen after the best round have no
+    score in the held snapshot, so they are not reported (never as a score of 0)."""
+    import dataclasses
+
+    from lightning_metaif.estimators import Trajectory
+
+    ctx = _context(6)
+    estimator = Trajectory()
+    estimator.start(ctx)
+    dim = sum(p.numel() for p in ctx.params.values())
+    grads = torch.randn(2, dim)
+    ids = ctx.pool.task_ids
+    estimator.on_step(1, ids[:2], grads, task_weights=torch.ones(2), scaling=None, batch_size=2)
+    first = estimator.score(ctx)
+    assert sorted(first.positions.tolist()) == [0, 1]
+    worse = {n: (p.detach() + 0.5 * torch.randn_like(p)).requires_grad_(True) for n, p in ctx.params.items()}
+    estimator.on_step(2, ids[2:4], grads, task_weights=torch.ones(2), scaling=None, batch_size=2)
+    second = estimator.score(dataclasses.replace(ctx, params=worse))
+    assert second.diagnostics["scores_held"] == 1.0
+    assert not {2, 3} & set(second.positions.tolist())

@@ -372,8 +372,16 @@ class Trajectory(RoundEstimator):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["accumulator"]
+        for name in ("normalize", "weighting", "keep"):
+            if name in saved and saved[name] != getattr(self, name):
+                raise ValueError(
+                    f"The checkpoint's trajectory scores were accumulated with Trajectory({name}={saved[name]!r}), "
+                    f"this run has Trajectory({name}={getattr(self, name)!r}): resume with the same settings, or "
+                    "start a new run (scores of different settings cannot be continued)."
+                )
         self._accumulator = self._new_accumulator()
-        self._accumulator.load_state_dict(state["accumulator"])
+        self._accumulator.load_state_dict(saved)
         self._reference = state.get("reference")
         self._reference_value = float(state.get("reference_value", math.nan))
         ids = state.get("reported_ids", torch.zeros(0, dtype=torch.long)).tolist()

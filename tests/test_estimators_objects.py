@@ -101,3 +101,14 @@ def test_trajectory_held_at_the_best_round_leaves_later_tasks_unscored():
     second = estimator.score(dataclasses.replace(ctx, params=worse))
     assert second.diagnostics["scores_held"] == 1.0
     assert not {2, 3} & set(second.positions.tolist())
+
+
+def test_trajectory_refuses_to_resume_with_other_settings():
+    from lightning_metaif.estimators import Trajectory
+
+    ctx = _context(4)
+    saved = Trajectory()
+    saved.start(ctx)
+    with pytest.raises(ValueError, match=r"Trajectory\(normalize='cosine'\).*Trajectory\(normalize='none'\)"):
+        Trajectory(normalize="none").load_state_dict(saved.state_dict())
+    Trajectory().load_state_dict(saved.state_dict())  # the same settings resume

@@ -8,6 +8,7 @@ of :mod:`lightning_metaif.estimators` (each one engine call per round); what to 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 import warnings
@@ -18,7 +19,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_metaif.actions.sampler import TaskSampler
@@ -42,6 +43,14 @@ from lightning_metaif.influence.store import GradientStore
 from lightning_metaif.influence.tasks import TaskBatch
 from lightning_metaif.meta.pools import as_task_pool
 from lightning_metaif.records import Decision, ScoreRound
+
+# Round lines go to this logger (not Lightning's rank_zero one, which `lightning_metaif.quiet` and users silence to
+# hide Lightning's tips). As Lightning does for its own logger: print INFO to stderr unless logging is configured.
+_round_log = logging.getLogger("lightning_metaif.callback")
+if not logging.getLogger().hasHandlers() and not _round_log.handlers:
+    _round_log.setLevel(logging.INFO)
+    _round_log.addHandler(logging.StreamHandler())
+    _round_log.propagate = False
 
 PROJECTION_CACHE_ELEMENTS = 1 << 25  # keep P in memory up to 128 MB (float32); larger ones are regenerated
 
@@ -775,8 +784,8 @@ class MetaInfluence(Callback):
             and not getattr(bar, "is_disabled", False)
         ):
             bar.print(line)  # printed above the bar, not glued onto it
-        else:
-            rank_zero_info(line)
+        elif trainer.is_global_zero:
+            _round_log.info(line)
 
     def _dashboard_for(self, logger: Any) -> Any:
         try:
@@ -811,8 +820,8 @@ class MetaInfluence(Callback):
         if self._writer is not None:
             dropped += self._writer.rollback(self.rounds)
         self.rolled_back = dropped
-        if dropped:
-            rank_zero_info(
+        if dropped and trainer.is_global_zero:
+            _round_log.info(
                 f"MetaInfluence: resumed after round {self.rounds - 1}; dropped what the interrupted run wrote after "
                 f"the checkpoint: {', '.join(dropped)}"
             )

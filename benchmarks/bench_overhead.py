@@ -57,8 +57,11 @@ def one_run(splits, args, mode: str | None, workdir: str) -> dict:
         estimator = TaskIF(solver=CG(max_iterations=args.cg_iterations)) if mode == "task_if" else mode
         influence = MetaInfluence(
             estimator,
-            store=GradientStoreConfig(
+            store=None
+            if args.no_store
+            else GradientStoreConfig(
                 projection_dim=args.projection_dim,
+                projection=args.projection,
                 dirpath=os.path.join(workdir, "metaif"),
                 trajectory=args.store_trajectory,
             ),
@@ -98,6 +101,8 @@ def main() -> None:
         "--store-trajectory", action="store_true", help="trajectory mode also writes each step to the store"
     )
     parser.add_argument("--tag", default="", help="suffix of the result files (keep several runs)")
+    parser.add_argument("--projection", default="sjlt", help="projection kind of the store (sjlt, rademacher)")
+    parser.add_argument("--no-store", action="store_true", help="run the callback without a gradient store")
     args = parser.parse_args()
     C.set_threads(args.threads)
     args.pool, args.epochs, args.pairs = (1000, 5, 5) if args.full else (200, 3, 3)

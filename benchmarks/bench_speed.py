@@ -192,7 +192,7 @@ def row_4(args) -> dict:
         ),
         "one CG solve (task-IF)": lambda: task_influence(problem, params, train, ref, **cfg),
         "self-influence, dense": lambda: task_influence(
-            problem, params, train, estimator="self", solver="dense", damping=1e-3, l2=2.5
+            problem, params, train, estimator="self", solver="dense", damping=1e-3, l2=2.5, curvature="exact"
         ),
     }
     outs = {k: f() for k, f in fns.items()}

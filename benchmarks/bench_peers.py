@@ -267,6 +267,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--problems", nargs="*", default=["a", "b", "c"])
+    parser.add_argument("--name", default="bench_peers", help="results file name")
     args = parser.parse_args()
     C.set_threads(args.threads)
     env = C.environment()
@@ -282,7 +283,7 @@ def main() -> None:
         if name[0] in args.problems:
             rows += run(name, *build())
     print(C.table(rows, ["problem", "estimator", "spearman", "sign_flipped", "seconds", "error"]))
-    C.save("bench_peers", {"environment": env, "rows": rows})
+    C.save(args.name, {"environment": env, "rows": rows})
 
 
 def _version(name: str) -> str | None:

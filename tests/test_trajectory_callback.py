@@ -23,6 +23,9 @@ class RecordRounds(pl.Callback):
 
 def test_default_trajectory_holds_the_scores_of_the_best_reference_loss(tmp_path, caplog):
     caplog.set_level(logging.INFO)
+    # the round line goes through Lightning's rank-zero logger, which quiet_lightning() (e.g. its doctest, run
+    # earlier in the same process) sets to WARNING
+    caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
     seed_all(0)
     dm, _ = digits_setup(num_train=16, batch_size=4)
     # a reference the training does not improve for long: validation tasks with random labels

@@ -45,6 +45,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from lightning_metaif.influence.gradients import per_task_gradients
 from lightning_metaif.influence.optim import adam_preconditioner
+from lightning_metaif.influence.paths import choose_path
 from lightning_metaif.influence.problem import ParamLayout, Params, weighted_mean
 from lightning_metaif.influence.tasks import Task, TaskBatch
 
@@ -558,15 +559,28 @@ class MAML(LightningModule):
                     accuracy = torch.zeros_like(loss)
                 return loss.detach(), accuracy.detach()
 
+            def looped(*chunk: Tensor) -> tuple[Tensor, Tensor]:
+                pairs = [evaluate(*(t[i] for t in chunk)) for i in range(chunk[0].shape[0])]
+                return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+
+            paths = {"vmap": vmap(evaluate), "loop": looped}
+            if self.vectorize != "auto":
+                paths = {self.vectorize: paths[self.vectorize]}
+            key = (
+                "evaluate",
+                self.chunk_size,
+                tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in tensors),
+            )
             losses, accuracies = [], []
-            use_vmap = self.vectorize != "loop"
             for start in range(0, len(batch), self.chunk_size):
                 chunk = [t[start : start + self.chunk_size] for t in tensors]
-                if use_vmap:
-                    loss, acc = vmap(evaluate)(*chunk)
-                else:
-                    pairs = [evaluate(*(t[i] for t in chunk)) for i in range(chunk[0].shape[0])]
-                    loss, acc = torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+                _, (loss, acc) = choose_path(
+                    self,
+                    key,
+                    {name: (lambda run=run, chunk=chunk: run(*chunk)) for name, run in paths.items()},
+                    what=f"MAML {stage} adaptation ({len(chunk[0])} tasks)",
+                    device=chunk[0].device,
+                )
                 losses.append(loss)
                 accuracies.append(acc)
         loss, accuracy = torch.cat(losses), torch.cat(accuracies)

@@ -101,7 +101,9 @@ def main() -> None:
         "--store-trajectory", action="store_true", help="trajectory mode also writes each step to the store"
     )
     parser.add_argument("--tag", default="", help="suffix of the result files (keep several runs)")
-    parser.add_argument("--projection", default="sjlt", help="projection kind of the store (sjlt, rademacher)")
+    parser.add_argument(
+        "--projection", default="sjlt", help="projection kind of the store (sjlt, rademacher)"
+    )
     parser.add_argument("--no-store", action="store_true", help="run the callback without a gradient store")
     args = parser.parse_args()
     C.set_threads(args.threads)

@@ -8,8 +8,8 @@ lightning-metaif is marked "added": ``meta_parameters`` and ``task_loss`` (throu
 ``TaskList`` (a plain list of tasks that carries task ids) instead of a stacked ``TaskBatch``, and the reference
 tasks are passed as a list.
 
-    python examples/higher_maml.py          # about a minute
-    python examples/higher_maml.py --fast   # a few seconds (CI); or METAIF_EXAMPLES_FAST=1
+    python examples/higher_maml.py          # measured times: docs/times.md
+    python examples/higher_maml.py --fast   # tiny run for CI; or METAIF_EXAMPLES_FAST=1
 """
 
 import argparse

@@ -4,7 +4,7 @@ The library-level version of ``lightning-metaif demo``: 5-way 1-shot tasks from 
 of the training tasks with random labels, MetaInfluence scoring every task each epoch (TracIn along the
 training path) and a PruningPolicy removing the most harmful ones from the next epoch on.
 
-    python examples/noisy_digits_pruning.py                 # about a minute
+    python examples/noisy_digits_pruning.py                 # measured times: docs/times.md
     python examples/noisy_digits_pruning.py --noise 0.3
     python examples/noisy_digits_pruning.py --fast          # CI; or METAIF_EXAMPLES_FAST=1
 """

@@ -1,7 +1,7 @@
 """Quickstart: MAML on sinusoid regression, with MetaInfluence scoring every training task in one line.
 
-python examples/sinusoid_quickstart.py          # ~1 minute on a laptop CPU
-python examples/sinusoid_quickstart.py --fast   # a few seconds (CI); or METAIF_EXAMPLES_FAST=1
+python examples/sinusoid_quickstart.py          # measured times: docs/times.md
+python examples/sinusoid_quickstart.py --fast   # tiny run for CI; or METAIF_EXAMPLES_FAST=1
 """
 
 import argparse

@@ -9,8 +9,10 @@ output in a temporary folder), and is timed wall-clock from start to exit. The m
 numbers: its CPU count and the load averages before and after each command (the numbers below were measured on
 a shared machine, so load matters). `--help` is timed as the median of 5 runs.
 
-Writes ``benchmarks/results/times.json`` (every number, command, load, date) and ``benchmarks/results/times.md``
-(the table that ``docs/times.md`` includes and the README quotes). A command that fails or times out is
+Writes ``benchmarks/results/times.json`` (every number, command, load, date), ``benchmarks/results/times.md``
+(the table that ``docs/times.md`` includes and the README quotes) and each command's console output in
+``benchmarks/results/times_output/<name>.txt`` (the README's demo output is copied from there, so the output
+and the time quoted beside it come from the same run). A command that fails or times out is
 reported as such in the table, never dropped.
 """
 
@@ -106,19 +108,17 @@ def run_once(argv: list[str], timeout: float) -> dict:
             proc = subprocess.run(
                 [PY, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
             )
-            seconds, code, tail = (
-                time.perf_counter() - start,
-                proc.returncode,
-                (proc.stdout + proc.stderr)[-800:],
-            )
+            seconds, code = time.perf_counter() - start, proc.returncode
+            output = proc.stdout + ("\n" + proc.stderr if proc.stderr.strip() else "")
         except subprocess.TimeoutExpired:
-            seconds, code, tail = time.perf_counter() - start, "timeout", ""
+            seconds, code, output = time.perf_counter() - start, "timeout", ""
         return {
             "seconds": seconds,
             "exit": code,
             "load_before": load_before,
             "load_after": _load(),
-            "tail": tail,
+            "tail": output[-800:],
+            "output": output.replace(str(Path(tmp)), "<tmp>"),
         }
 
 
@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             "date": dt.datetime.now().isoformat(timespec="seconds"),
             "tail": None if ok else runs[-1]["tail"],
         }
+        (RESULTS / "times_output").mkdir(parents=True, exist_ok=True)
+        (RESULTS / "times_output" / f"{name}.txt").write_text(runs[-1]["output"])
         status = "ok" if ok else f"FAILED (exit {runs[-1]['exit']})"
         print(f"{name:28s} {fmt_seconds(seconds):>9s}  {status}  load {runs[0]['load_before']}", flush=True)
         _write(rows)

@@ -75,7 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=40, help="training epochs (default 40; one round each)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--output-dir", type=Path, default=None, help="default ./runs/demo-<timestamp>")
-    demo.add_argument("--fast", action="store_true", help="tiny settings for CI (under a minute)")
+    demo.add_argument(
+        "--fast", action="store_true", help="tiny settings for CI: 40 tasks, 6 epochs, a small network"
+    )
     demo.add_argument(
         "--logger",
         choices=("auto", "wandb", "csv"),

@@ -2,8 +2,10 @@
 
 Hidden by :func:`quiet_lightning`:
 
-* Lightning's start-up info lines (``GPU available: False``, ``💡 Tip: ...``, ``Seed set to 0``, the model
-  summary table): INFO records of its loggers; warnings from the same loggers still show.
+* Lightning's start-up info lines (``GPU available: False``, ``TPU available``, ``💡 Tip: ...``,
+  ``LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES``, ``Seed set to 0``, the model summary table): a filter on
+  Lightning's ``rank_zero`` loggers drops exactly these records, so every other line they carry (warnings, the
+  callback's round lines) still shows.
 * ``Starting from v1.9.0, `tensorboardX` has been removed``: a tip about Lightning's default logger.
 * ``does not have many workers``: task batches are built in the main process on purpose (they are tiny and
   their content depends only on the task id); more loader workers would only add start-up time here.
@@ -18,6 +20,7 @@ passes and recent ``wandb`` versions warn about ("The anonymous setting has no e
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from typing import Any
 
@@ -31,17 +34,30 @@ _UNACTIONABLE = (
 )
 
 
+class _StartupInfo(logging.Filter):
+    """Drops Lightning's start-up info records (hardware availability, tips, rank banners); keeps the rest."""
+
+    PATTERNS = re.compile(r"^(GPU|TPU|HPU|IPU) available|💡 Tip|^LOCAL_RANK: \d+ - |^Seed set to ")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not self.PATTERNS.search(record.getMessage())
+
+
 def quiet_lightning() -> None:
-    """Hide Lightning's info lines and the warnings listed in the module docstring (process-wide).
+    """Hide Lightning's start-up lines and the warnings listed in the module docstring (process-wide, idempotent).
 
     Example:
         >>> quiet_lightning()
-        >>> logging.getLogger("lightning.pytorch.utilities.rank_zero").level == logging.WARNING
-        True
+        >>> record = logging.LogRecord("x", logging.INFO, "", 0, "GPU available: False, used: False", None, None)
+        >>> _StartupInfo().filter(record), _StartupInfo().filter(logging.makeLogRecord({"msg": "[metaif] round 0", "levelno": 20}))
+        (False, True)
     """
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _StartupInfo) for f in logger.filters):
+            logger.addFilter(_StartupInfo())
+    # loggers that only carry start-up information
     for name in (
-        "lightning.pytorch.utilities.rank_zero",
-        "lightning.fabric.utilities.rank_zero",
         "lightning.pytorch.accelerators.cuda",
         "lightning.fabric.utilities.seed",
         "lightning.pytorch.callbacks.model_summary",

@@ -8,7 +8,7 @@ lowest scores are the tasks that widen the gap. The check: continue meta-trainin
 tasks, without 10% random tasks, and with all tasks, from the same point with the same seed, and compare
 the gaps. The plot (``fairness.png``) shows the scores (corrupted tasks in red) and the three gaps.
 
-    python examples/fairness.py             # about a minute
+    python examples/fairness.py             # measured times: docs/times.md
     python examples/fairness.py --fast      # CI; or METAIF_EXAMPLES_FAST=1
 """
 

@@ -75,6 +75,11 @@ COMMANDS: dict[str, tuple[str, list[str]]] = {
         ["examples/wandb_dashboard.py", "--fast", "--output-dir", "{out}"],
     ),
 }
+COMMANDS["fairness"] = ("`examples/fairness.py`", ["examples/fairness.py", "--output-dir", "{out}"])
+COMMANDS["fairness_fast"] = (
+    "`examples/fairness.py --fast`",
+    ["examples/fairness.py", "--fast", "--output-dir", "{out}"],
+)
 NOT_MEASURED = {
     "omniglot_folder": "`examples/omniglot_folder.py` needs the Omniglot images in a local folder (nothing is "
     "downloaded); not measured here",

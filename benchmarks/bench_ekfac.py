@@ -58,7 +58,9 @@ def main() -> None:
     print(f"ConvNet: {num_params:,} meta-parameters; pool of {num_tasks} tasks", flush=True)
     rss_start = peak_rss_mib()
 
-    optimizer = torch.optim.Adam(params.values(), lr=1e-3)
+    optimizer = torch.optim.Adam(
+        params.values(), lr=1e-4
+    )  # 1e-3 diverged to NaN weights for this no-norm net
     layout = ParamLayout.of(params)
     t0 = time.perf_counter()
     for start in range(0, num_tasks, 16):
@@ -68,6 +70,8 @@ def main() -> None:
             value.grad = g
         optimizer.step()
     epoch_seconds = time.perf_counter() - t0
+    if not all(torch.isfinite(v).all() for v in params.values()):
+        raise SystemExit("the training epoch produced non-finite weights: lower the outer learning rate")
     print(f"one training epoch: {epoch_seconds:.1f} s", flush=True)
     rss_epoch = peak_rss_mib()
 

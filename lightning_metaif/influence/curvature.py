@@ -169,7 +169,12 @@ class DampedCurvature:
             "mean_eigenvalue": mean,
             "mean_eigenvalue_stderr": spread,
         }
-        if not (math.isfinite(mean) and mean > 0):
+        if not math.isfinite(mean):
+            raise SolverError(
+                f"damping='auto' found a non-finite mean eigenvalue ({mean}) of the {self.curvature} curvature: "
+                "check the parameters and the tasks' outputs for NaN or inf."
+            )
+        if not mean > 0:
             raise SolverError(
                 f"damping='auto' found a mean eigenvalue of {mean:.3e} for the {self.curvature} curvature, so it "
                 "cannot set δ relative to it: pass a float damping, or use curvature='gauss_newton' (PSD)."

@@ -36,7 +36,9 @@ def make_callback(run_dir: Path):
     from lightning_metaif import MetaInfluence, PruningPolicy
     from lightning_metaif.config import GradientStoreConfig
 
-    policy = PruningPolicy(fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.1, only_harmful=False)
+    policy = PruningPolicy(
+        fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.1, only_harmful=False, margin=None
+    )
     store = GradientStoreConfig(projection_dim=32, dirpath=str(run_dir / "metaif"))
     return MetaInfluence("checkpoints", store=store, actions=[policy], verbose=False)
 

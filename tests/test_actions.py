@@ -10,7 +10,9 @@ from lightning_metaif.actions import PruningPolicy, TaskSampler, TaskState, Task
 def test_policy_respects_every_limit():
     ids = torch.arange(100, 120)
     scores = torch.linspace(-1.0, 1.0, 20)  # ids 100..109 harmful
-    policy = PruningPolicy(fraction=0.3, warmup_rounds=1, max_fraction_per_round=0.1, min_pool_size=15)
+    policy = PruningPolicy(
+        fraction=0.3, warmup_rounds=1, max_fraction_per_round=0.1, min_pool_size=15, margin=None
+    )
     pruned: set[int] = set()
     assert policy.decide(ids, scores, pruned, round_index=1).action == "skip"  # warm-up
     first = policy.decide(ids, scores, pruned, round_index=2)
@@ -26,7 +28,7 @@ def test_policy_respects_every_limit():
 
 
 def test_policy_never_prunes_on_non_finite_or_helpful_scores():
-    policy = PruningPolicy(fraction=0.5, warmup_rounds=0, max_fraction_per_round=1.0)
+    policy = PruningPolicy(fraction=0.5, warmup_rounds=0, max_fraction_per_round=1.0, margin=None)
     scores = torch.tensor([-3.0, float("nan"), -1.0, 2.0])
     decision = policy.decide(torch.arange(4), scores, set(), round_index=1)
     assert decision.action == "skip" and decision.task_ids == [] and "non-finite" in decision.reason
@@ -39,6 +41,7 @@ def test_policy_never_prunes_on_non_finite_or_helpful_scores():
         warmup_rounds=0,
         max_fraction_per_round=1.0,
         stable_rounds=1,
+        margin=None,
     )
     assert threshold.decide(
         torch.arange(4), torch.tensor([1.0, 2.0, 3.0, 4.0]), set(), round_index=1

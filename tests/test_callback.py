@@ -44,7 +44,9 @@ def test_constructor_validates_arguments():
     with pytest.raises(ValueError, match="holds no tasks"):
         MetaInfluence(reference=[])
     with pytest.raises(TypeError, match="pruning"):
-        MetaInfluence(pruning=PruningPolicy())  # the old keyword: actions=[PruningPolicy(...)] now
+        MetaInfluence(
+            pruning=PruningPolicy()
+        )  # the old keyword: actions=[PruningPolicy(..., margin=None)] now
     # Lightning's trigger defaults: every_n_train_steps alone is enough (every_n_epochs defaults to None)
     assert MetaInfluence(every_n_train_steps=50).every_n_train_steps == 50
 
@@ -107,7 +109,12 @@ def test_csv_logger_and_files_and_pruned_ids_never_sampled_again(tmp_path):
         actions=[
             TaskWeighting(),
             PruningPolicy(
-                fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.2, only_harmful=False, stable_rounds=1
+                fraction=0.2,
+                warmup_rounds=1,
+                max_fraction_per_round=0.2,
+                only_harmful=False,
+                stable_rounds=1,
+                margin=None,
             ),
         ],
         verbose=False,
@@ -207,7 +214,7 @@ def test_periodic_estimators_score_the_pool(tmp_path, estimator):
 
 def test_failed_solve_warns_and_prunes_nothing(tmp_path):
     seed_all(0)
-    policy = PruningPolicy(fraction=0.2, warmup_rounds=0, only_harmful=False)
+    policy = PruningPolicy(fraction=0.2, warmup_rounds=0, only_harmful=False, margin=None)
     influence = MetaInfluence(
         TaskIF(damping=0.0, curvature="exact", solver=CG(max_iterations=30)), actions=[policy], verbose=False
     )
@@ -222,7 +229,12 @@ def test_failed_solve_warns_and_prunes_nothing(tmp_path):
 def test_resume_keeps_pruned_set_and_store(tmp_path):
     seed_all(0)
     policy = PruningPolicy(
-        fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.2, only_harmful=False, stable_rounds=1
+        fraction=0.2,
+        warmup_rounds=1,
+        max_fraction_per_round=0.2,
+        only_harmful=False,
+        stable_rounds=1,
+        margin=None,
     )
     config = GradientStoreConfig(projection_dim=32, trajectory=True)
     first = MetaInfluence("trajectory", store=config, actions=[policy], verbose=False)
@@ -264,7 +276,12 @@ def test_detects_corrupted_tasks(tmp_path):
 def test_ddp_spawn_two_ranks_agree(tmp_path):
     seed_all(0)
     policy = PruningPolicy(
-        fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.2, only_harmful=False, stable_rounds=1
+        fraction=0.2,
+        warmup_rounds=1,
+        max_fraction_per_round=0.2,
+        only_harmful=False,
+        stable_rounds=1,
+        margin=None,
     )
     influence = MetaInfluence(
         "checkpoints", store=GradientStoreConfig(projection_dim=32), actions=[policy], verbose=False
@@ -317,7 +334,9 @@ def test_documented_wandb_keys_are_the_logged_ones(tmp_path):
     influence = MetaInfluence(
         "trajectory",
         actions=[
-            PruningPolicy(fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.2, only_harmful=False)
+            PruningPolicy(
+                fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.2, only_harmful=False, margin=None
+            )
         ],
         samples=SampleInfluence(top_k=1),
         ground_truth=corruption.task_ids,

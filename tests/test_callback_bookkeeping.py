@@ -151,7 +151,9 @@ def test_task_if_scores_only_the_round_sample_with_the_kept_objective(tmp_path):
     the Hessian is that of the kept tasks with their weights, as the engine computes it."""
     seed_all(0)
     estimator = TaskIF(solver=Dense(), damping=1.0, l2=0.01, curvature="exact", max_tasks=10)
-    policy = PruningPolicy(fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.1, only_harmful=False)
+    policy = PruningPolicy(
+        fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.1, only_harmful=False, margin=None
+    )
     dm, corruption = digits_setup(num_train=20, batch_size=5)
     influence = MetaInfluence(estimator, actions=[policy], ground_truth=corruption.task_ids, verbose=False)
     dm.task_state = influence.task_state
@@ -255,7 +257,9 @@ def test_metrics_reach_callback_metrics_once_per_round_and_hparams(tmp_path):
 
 def test_resumed_run_scores_like_an_uninterrupted_one(tmp_path):
     seed_all(0)
-    policy = PruningPolicy(fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.1, only_harmful=False)
+    policy = PruningPolicy(
+        fraction=0.2, warmup_rounds=1, max_fraction_per_round=0.1, only_harmful=False, margin=None
+    )
 
     def run(max_epochs, ckpt_path=None, folder="a"):
         seed_all(0)

@@ -200,6 +200,7 @@ def test_fit_with_the_example_config_runs_and_prunes(tmp_path):
         "max_fraction_per_round": 0.2,
         "only_harmful": False,
         "stable_rounds": 1,
+        "margin": None,
     }
     config["trainer"]["callbacks"].append({"class_path": "metaif_helpers.RecordSampledIds"})
     config["data"]["init_args"].update(num_tasks=40, num_test_tasks=10)

@@ -147,3 +147,31 @@ def test_efficiency_needs_losses_and_reference_losses_must_be_finite():
         PruningPolicy().decide(
             torch.arange(3), torch.zeros(3), set(), round_index=1, reference_losses=[1.0, float("nan")]
         )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_margin_prunes_outliers_not_the_low_tail_of_a_clean_pool(seed):
+    generator = torch.Generator().manual_seed(seed)
+    clean = torch.randn(100, generator=generator)  # a clean pool: no task is far below the others
+    ids = torch.arange(100)
+    policy = PruningPolicy(warmup_rounds=0, max_fraction_per_round=0.2)  # defaults: margin 3, 2 rounds
+    for r in (1, 2):
+        d = policy.decide(ids, clean, set(), round_index=r)
+    expected_outliers = (clean < clean.median() - 3 * 1.4826 * (clean - clean.median()).abs().median()).sum()
+    assert (
+        d.task_ids
+        == ids[clean < clean.median() - 3 * 1.4826 * (clean - clean.median()).abs().median()].tolist()
+    )
+    assert len(d.task_ids) == int(expected_outliers) <= 1
+    # 20 corrupted tasks well below the others are pruned, and only they
+    corrupted = clean.clone()
+    corrupted[:20] -= 8.0
+    policy = PruningPolicy(warmup_rounds=0, max_fraction_per_round=0.2)
+    for r in (1, 2):
+        d = policy.decide(ids, corrupted, set(), round_index=r)
+    assert set(d.task_ids) == set(range(20))
+    # without the margin the default fraction is filled from the clean tail
+    eager = PruningPolicy(warmup_rounds=0, max_fraction_per_round=0.2, margin=None)
+    for r in (1, 2):
+        d = eager.decide(ids, clean, set(), round_index=r)
+    assert len(d.task_ids) == 20

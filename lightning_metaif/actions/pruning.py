@@ -77,9 +77,12 @@ class PruningPolicy:
         only_harmful: prune only tasks with a negative score, even if the target fraction is not reached.
         intent: ``"cleaning"`` (remove harmful tasks, default) or ``"efficiency"`` (InfoBatch-style random
             dropping of well-learned tasks with rescaling); see the module docstring.
-        stable_rounds: cleaning: a task is pruned only after it was a candidate (kept, below the thresholds
-            and among the lowest ``fraction`` of the pool) in this many consecutive rounds. 1 = act on a
-            single round. Rounds are counted from the first, warm-up rounds included.
+        stable_rounds: cleaning: a task is pruned only after it was a candidate (kept, below the thresholds,
+            among the lowest ``fraction`` of the pool and below the margin) in this many consecutive rounds.
+            1 = act on a single round. Rounds are counted from the first, warm-up rounds included.
+        margin: cleaning: a candidate's score must lie below the round's median by more than ``margin``
+            robust standard deviations (``1.4826 × MAD`` of the kept tasks' scores): an outlier, not the low
+            tail of a pool of clean tasks. ``None`` turns the rule off.
         rollback_tolerance: cleaning: if the reference loss of the round after a prune exceeds the one of the
             pruning round by more than this relative amount, the tasks of that prune are restored (and never
             pruned again). ``None`` turns the guard off (also when no reference losses are given).
@@ -93,7 +96,7 @@ class PruningPolicy:
     Example:
         >>> import torch
         >>> policy = PruningPolicy(fraction=0.25, warmup_rounds=0, max_fraction_per_round=0.5, min_pool_size=2)
-        >>> scores = torch.tensor([3., -2., 1., -5., 4., 2., 0.5, 6.])
+        >>> scores = torch.tensor([0.3, -6.0, 0.1, -7.0, 0.4, 0.2, -0.1, 0.5])  # tasks 1 and 3: outliers
         >>> policy.decide(torch.arange(8), scores, set(), round_index=1).action   # one round is not stable
         'skip'
         >>> d = policy.decide(torch.arange(8), scores, set(), round_index=2)
@@ -109,6 +112,7 @@ class PruningPolicy:
     only_harmful: bool = True
     intent: Intent = "cleaning"
     stable_rounds: int = 2
+    margin: float | None = 3.0
     rollback_tolerance: float | None = 0.02
     drop_ratio: float = 0.5
     anneal_fraction: float = 0.125
@@ -135,6 +139,8 @@ class PruningPolicy:
             raise ValueError(
                 f"rollback_tolerance must be None (off) or a finite value >= 0, got {self.rollback_tolerance}."
             )
+        if self.margin is not None and not (math.isfinite(self.margin) and self.margin >= 0):
+            raise ValueError(f"margin must be None (off) or a finite value >= 0, got {self.margin}.")
         if not 0.0 < self.drop_ratio < 1.0:
             raise ValueError(f"drop_ratio must be in (0, 1), got {self.drop_ratio}.")
         if not 0.0 <= self.anneal_fraction < 1.0:
@@ -176,8 +182,9 @@ class PruningPolicy:
             >>> from lightning_metaif.actions.state import TaskState
             >>> r = ScoreRound(step=3, epoch=0, estimator="task_if", task_ids=torch.arange(4),
             ...                scores=torch.tensor([-1.0, 2.0, -3.0, 0.0]), scored=torch.tensor([1, 1, 0, 1]))
-            >>> PruningPolicy(fraction=0.25, warmup_rounds=0, max_fraction_per_round=0.5, stable_rounds=1
-            ...               ).decide_round(r, TaskState(), round_index=1, pool_size=4).task_ids   # 2 unscored
+            >>> policy = PruningPolicy(fraction=0.25, warmup_rounds=0, max_fraction_per_round=0.5,
+            ...                        stable_rounds=1, margin=None)
+            >>> policy.decide_round(r, TaskState(), round_index=1, pool_size=4).task_ids   # task 2: unscored
             [0]
         """
         scored = torch.ones(len(round.task_ids), dtype=torch.bool) if round.scored is None else round.scored
@@ -310,6 +317,10 @@ class PruningPolicy:
             candidates &= scores < 0
         if self.threshold is not None:
             candidates &= scores < self.threshold
+        if self.margin is not None and kept.sum() >= 3:
+            centre = scores[kept].median()
+            spread = 1.4826 * (scores[kept] - centre).abs().median()
+            candidates &= scores < centre - self.margin * spread
         if self.fraction is not None and candidates.any():
             # the lowest `fraction` of the pool (by score, among the tasks still kept)
             bottom = max(1, int(math.floor(self.fraction * pool_size)))
@@ -363,6 +374,8 @@ class PruningPolicy:
             rule.append(f"score < {self.threshold:g}")
         if self.only_harmful:
             rule.append("score < 0")
+        if self.margin is not None:
+            rule.append(f"below the median by > {self.margin:g} robust s.d.")
         if self.stable_rounds > 1:
             rule.append(f"for {self.stable_rounds} consecutive rounds")
         reason = f"{', '.join(rule)}; at most {self.max_fraction_per_round:.0%} per round"

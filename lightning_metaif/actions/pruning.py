@@ -8,8 +8,8 @@ Two intents:
   pruned tasks back (a ``"restore"`` decision) if the reference loss got worse by more than
   ``rollback_tolerance`` after pruning them.
 * ``intent="efficiency"``: InfoBatch (Qin et al., ICLR 2024): every round, drop a random ``drop_ratio`` of the
-  *well-learned* tasks (loss below the mean of the kept tasks; in the callback, the round's self-influence
-  ``Σ η ‖g_k‖²`` stands for the loss) for the coming epoch and give the kept well-learned tasks the weight
+  *well-learned* tasks (loss below the mean of the kept tasks; in the callback, the self-influence the round
+  reports, ``Σ η ‖g_k‖²``, stands for the loss) for the coming epoch and give the kept well-learned tasks the weight
   ``1 / (1 − drop_ratio)``, so the expected meta-gradient is unchanged; the dropped tasks come back at the next
   round (a ``"resample"`` decision: ``task_ids`` with weight 0 are dropped, the others re-weighted). No
   dropping in the last ``anneal_fraction`` of training.
@@ -174,8 +174,8 @@ class PruningPolicy:
 
         The reference losses come from the callback's history (``influence/reference_loss`` of past rounds) and
         this round's ``diagnostics["reference_loss"]``; the ground truth from ``round.corrupted``. For
-        ``intent="efficiency"`` a task is well-learned when its self-influence (``Σ η ‖g_k‖²`` over the
-        round: a small gradient) is below the mean of the kept tasks.
+        ``intent="efficiency"`` a task is well-learned when its self-influence as the round reports it (the
+        estimator's ``Σ η ‖g_k‖²``: small gradients) is below the mean of the kept tasks.
 
         Example:
             >>> import torch

@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="100-task pool")
     parser.add_argument("--tasks", type=int, default=None, help="pool size (default 1000, --quick 100)")
     parser.add_argument("--hidden", type=int, default=240)
+    parser.add_argument(
+        "--fit-tasks", type=int, default=None, help="EKFAC(fit_tasks=...) (default: engine's)"
+    )
     parser.add_argument("--cg", action="store_true", help="also run Gauss–Newton CG task-IF (slow)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -76,7 +79,8 @@ def main() -> None:
     rss_epoch = peak_rss_mib()
 
     t0 = time.perf_counter()
-    ekfac = task_influence(model, params, pool, reference, solver="ekfac")
+    options = {} if args.fit_tasks is None else {"fit_tasks": args.fit_tasks}
+    ekfac = task_influence(model, params, pool, reference, solver="ekfac", solver_options=options)
     ekfac_seconds = time.perf_counter() - t0
     d = ekfac.diagnostics
     extra = d["solver_extra"]
@@ -121,7 +125,8 @@ def main() -> None:
     target = "met" if row["ratio_to_epoch"] <= 2 else "missed"
     print(f"target task-IF <= 2 training epochs: {target} ({row['ratio_to_epoch']:.2f} epochs)")
     C.save(
-        "bench_ekfac_quick" if args.quick else "bench_ekfac",
+        ("bench_ekfac_quick" if args.quick else "bench_ekfac")
+        + ("" if args.fit_tasks is None else f"_fit{args.fit_tasks}"),
         {
             "environment": env,
             "rows": rows,

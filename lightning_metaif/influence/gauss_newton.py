@@ -29,8 +29,9 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
 from lightning_metaif.influence.gradients import Vectorize, task_tensors, use_vmap
+from lightning_metaif.influence.operators import TaskSetOperator
 from lightning_metaif.influence.problem import ParamLayout, Params, check_problem, detached, trainable
-from lightning_metaif.influence.tasks import Task, Tasks, iter_chunks, select_tasks
+from lightning_metaif.influence.tasks import Task, Tasks, iter_chunks
 
 GAUSS_NEWTON_METHODS = ("query_outputs", "output_loss")
 
@@ -63,7 +64,7 @@ def has_gauss_newton(problem: Any) -> bool:
     return all(callable(getattr(problem, name, None)) for name in GAUSS_NEWTON_METHODS)
 
 
-class GaussNewton:
+class GaussNewton(TaskSetOperator):
     """The Gauss–Newton total curvature of ``F(λ) = (1/M) Σ_k w_k ℓ_k(λ) + (l2/2)‖λ‖²`` as an operator.
 
     Same interface as :class:`~lightning_metaif.influence.hessian.TotalHessian` (``dim``, ``matvec``,
@@ -128,29 +129,6 @@ class GaussNewton:
         self.chunk_size = chunk_size
         self.vectorize = vectorize
         self._vmap = use_vmap(tasks, vectorize)
-
-    @property
-    def dim(self) -> int:
-        return self.layout.numel
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(iter(self.params.values())).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(iter(self.params.values())).device
-
-    def subsample(self, batch_size: int, generator: torch.Generator | None = None) -> GaussNewton:
-        """The same operator over a random mini-batch of tasks (an unbiased estimate, for LiSSA)."""
-        index = torch.randperm(len(self.tasks), generator=generator)[
-            : max(1, min(batch_size, len(self.tasks)))
-        ]
-        sub = GaussNewton.__new__(GaussNewton)
-        sub.__dict__.update(self.__dict__)
-        sub.tasks = select_tasks(self.tasks, index)
-        sub.task_weights = self.task_weights[index.to(self.task_weights.device)]
-        return sub
 
     def matvec(self, vector: Tensor) -> Tensor:
         """``G v`` for a flat vector ``v`` of length :attr:`dim`."""

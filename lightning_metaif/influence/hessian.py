@@ -36,6 +36,7 @@ from lightning_metaif.influence.gradients import (
     check_loss,
     task_tensors,
 )
+from lightning_metaif.influence.operators import TaskSetOperator
 from lightning_metaif.influence.paths import choose_path
 from lightning_metaif.influence.problem import ParamLayout, Params, check_problem, detached, trainable
 from lightning_metaif.influence.tasks import (
@@ -43,13 +44,12 @@ from lightning_metaif.influence.tasks import (
     TaskBatch,
     Tasks,
     resolve_task_ids,
-    select_tasks,
 )
 
 Curvature = Literal["exact", "gamma"]
 
 
-class TotalHessian:
+class TotalHessian(TaskSetOperator):
     """The total Hessian ``∇²F(λ)`` of the weighted mean task loss plus an optional L2 term, as an operator.
 
     Args:
@@ -126,32 +126,10 @@ class TotalHessian:
         self._keep_graphs = self.graph_memory > 0
         self._gamma: float | None = None
 
-    @property
-    def dim(self) -> int:
-        return self.layout.numel
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(iter(self.params.values())).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(iter(self.params.values())).device
-
-    def subsample(self, batch_size: int, generator: torch.Generator | None = None) -> TotalHessian:
-        """The same operator over a random mini-batch of tasks (an unbiased estimate, for LiSSA)."""
-        index = torch.randperm(len(self.tasks), generator=generator)[
-            : max(1, min(batch_size, len(self.tasks)))
-        ]
-        sub = TotalHessian.__new__(TotalHessian)
-        sub.__dict__.update(self.__dict__)
-        sub.tasks = select_tasks(self.tasks, index)
-        sub.task_ids = self.task_ids[index]
-        sub.task_weights = self.task_weights[index.to(self.task_weights.device)]
-        sub._batch = None if self._batch is None else self._batch[index]
-        sub._graphs = None
-        sub._gamma = None
-        return sub
+    def _subsampled(self, index: Tensor) -> None:
+        self._batch = None if self._batch is None else self._batch[index]
+        self._graphs = None
+        self._gamma = None
 
     def matvec(self, vector: Tensor) -> Tensor:
         """``∇²F v`` for a flat vector ``v`` of length :attr:`dim`."""

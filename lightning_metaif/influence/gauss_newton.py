@@ -30,7 +30,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from lightning_metaif.influence.gradients import Vectorize, task_tensors, use_vmap
 from lightning_metaif.influence.operators import TaskSetOperator
-from lightning_metaif.influence.problem import ParamLayout, Params, check_problem, detached, trainable
+from lightning_metaif.influence.problem import Params, check_problem, detached
 from lightning_metaif.influence.tasks import Task, Tasks, iter_chunks
 
 GAUSS_NEWTON_METHODS = ("query_outputs", "output_loss")
@@ -109,21 +109,8 @@ class GaussNewton(TaskSetOperator):
         check_gauss_newton_problem(problem)
         if l2 < 0:
             raise ValueError(f"l2 must be >= 0, got {l2}.")
-        if len(tasks) == 0:
-            raise ValueError("The Gauss–Newton curvature needs at least one training task.")
         self.problem = problem
-        self.params = trainable(params)
-        self.layout = ParamLayout.of(self.params)
-        self.tasks = tasks
-        like = next(iter(self.params.values()))
-        if task_weights is None:
-            self.task_weights = torch.ones(len(tasks), dtype=like.dtype, device=like.device)
-        else:
-            self.task_weights = torch.as_tensor(task_weights, dtype=like.dtype, device=like.device)
-            if self.task_weights.shape != (len(tasks),):
-                raise ValueError(
-                    f"task_weights has shape {tuple(self.task_weights.shape)}, expected ({len(tasks)},)."
-                )
+        self._set_tasks(params, tasks, task_weights, "Gauss–Newton curvature")
         self.l2 = float(l2)
         self.curvature = "gauss_newton"
         self.chunk_size = chunk_size

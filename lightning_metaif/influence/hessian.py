@@ -38,7 +38,7 @@ from lightning_metaif.influence.gradients import (
 )
 from lightning_metaif.influence.operators import TaskSetOperator
 from lightning_metaif.influence.paths import choose_path
-from lightning_metaif.influence.problem import ParamLayout, Params, check_problem, detached, trainable
+from lightning_metaif.influence.problem import Params, check_problem, detached
 from lightning_metaif.influence.tasks import (
     Task,
     TaskBatch,
@@ -100,21 +100,8 @@ class TotalHessian(TaskSetOperator):
                 "`outer_loss(adapted, params, task)`; use curvature='exact' (the default) otherwise."
             )
         self.problem = problem
-        self.params = trainable(params)
-        self.layout = ParamLayout.of(self.params)
-        self.tasks = tasks
+        self._set_tasks(params, tasks, task_weights, "Hessian")
         self.task_ids = resolve_task_ids(tasks) if isinstance(tasks, TaskBatch) else torch.arange(len(tasks))
-        if len(tasks) == 0:
-            raise ValueError("The Hessian needs at least one training task.")
-        reference = next(iter(self.params.values()))
-        if task_weights is None:
-            self.task_weights = torch.ones(len(tasks), dtype=reference.dtype, device=reference.device)
-        else:
-            self.task_weights = torch.as_tensor(task_weights, dtype=reference.dtype, device=reference.device)
-            if self.task_weights.shape != (len(tasks),):
-                raise ValueError(
-                    f"task_weights has shape {tuple(self.task_weights.shape)}, expected ({len(tasks)},): one per task."
-                )
         self.l2 = float(l2)
         self.curvature = curvature
         self.chunk_size = chunk_size

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from lightning_metaif.influence.problem import ParamLayout, trainable
 from lightning_metaif.influence.tasks import select_tasks
 
 __all__ = ["TaskSetOperator"]
@@ -22,6 +23,23 @@ class TaskSetOperator:
     params: Any
     tasks: Any
     task_weights: torch.Tensor
+
+    def _set_tasks(self, params: Any, tasks: Any, task_weights: Any, what: str) -> None:
+        """``params`` (trainable leaves), their layout, ``tasks`` and one weight per task (default 1)."""
+        self.params = trainable(params)
+        self.layout = ParamLayout.of(self.params)
+        if len(tasks) == 0:
+            raise ValueError(f"The {what} needs at least one training task.")
+        self.tasks = tasks
+        like = next(iter(self.params.values()))
+        if task_weights is None:
+            self.task_weights = torch.ones(len(tasks), dtype=like.dtype, device=like.device)
+        else:
+            self.task_weights = torch.as_tensor(task_weights, dtype=like.dtype, device=like.device)
+            if self.task_weights.shape != (len(tasks),):
+                raise ValueError(
+                    f"task_weights has shape {tuple(self.task_weights.shape)}, expected ({len(tasks)},): one per task."
+                )
 
     @property
     def dim(self) -> int:

@@ -578,7 +578,8 @@ class MetaInfluence(Callback):
             projection=self._projection,
             store=self._store,
             position_of=self._position_of,
-            num_kept=len(self._kept_positions()) if self._pool_ids is not None else len(positions),
+            # (a round's context only: the per-step gradient recomputation must not scan the pool)
+            num_kept=len(self._kept_positions()) if trainer is not None and self._pool_ids is not None else 0,
         )
 
     def _run_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, can_log: bool) -> None:

@@ -101,6 +101,15 @@ class RoundContext:
     )
 
     @property
+    def reference_tasks(self) -> Any:
+        """The reference tasks the engine takes (``None`` when a ``utility`` defines the reference)."""
+        return None if self.utility is not None else self.reference
+
+    def task_ids(self, positions: Tensor) -> Tensor:
+        """Task ids of pool ``positions``."""
+        return torch.as_tensor(self.pool.task_ids)[positions]
+
+    @property
     def objective_size(self) -> int:
         """``M``, the number of tasks of the training objective (the kept tasks)."""
         return self.num_kept or len(self.objective_positions)
@@ -159,7 +168,7 @@ def _reference(ctx: RoundContext) -> tuple[Tensor, float]:
     grad, value = reference_gradient(
         ctx.problem,
         ctx.params,
-        None if ctx.utility is not None else ctx.reference,
+        ctx.reference_tasks,
         utility=ctx.utility,
         **ctx.engine,
     )
@@ -175,6 +184,27 @@ def _index_in(all_positions: Tensor, subset: Tensor) -> Tensor:
 def _check_max_tasks(owner: str, value: int | None, argument: str = "max_tasks") -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise ValueError(f"{owner}({argument}={value!r}) must be a positive integer or None (every task).")
+
+
+def _check_solve_settings(owner: str, settings: Any) -> None:
+    """The checks of the settings :class:`TaskIF` and :class:`TraceTaskIF` share, naming ``owner``."""
+    as_solver(settings.solver, argument=f"{owner}(solver=...)")
+    damping = settings.damping
+    if damping is not None and not (
+        (isinstance(damping, str) and damping == "auto")
+        or (
+            isinstance(damping, (int, float))
+            and not isinstance(damping, bool)
+            and math.isfinite(damping)
+            and damping >= 0
+        )
+    ):
+        raise ValueError(f"{owner}(damping={damping!r}) must be a finite number >= 0 or 'auto'.")
+    if not isinstance(settings.l2, (int, float)) or not math.isfinite(settings.l2) or settings.l2 < 0:
+        raise ValueError(f"{owner}(l2={settings.l2!r}) must be a finite number >= 0.")
+    if settings.on_error not in ("warn", "raise"):
+        raise ValueError(f"{owner}(on_error={settings.on_error!r}) must be 'warn' or 'raise'.")
+    _check_curvature(owner, settings.curvature)
 
 
 def _check_curvature(owner: str, value: str | None) -> None:
@@ -412,12 +442,12 @@ class Checkpoints(RoundEstimator):
         return _in_slices(ctx, lambda positions: self._score(ctx, positions))
 
     def _score(self, ctx: RoundContext, positions: Tensor) -> RoundScores:
-        ids = torch.as_tensor(ctx.pool.task_ids)[positions]
+        ids = ctx.task_ids(positions)
         out = point_scores(
             ctx.problem,
             ctx.params,
             ctx.pool.batch(positions),
-            None if ctx.utility is not None else ctx.reference,
+            ctx.reference_tasks,
             utility=ctx.utility,
             task_ids=ids,
             preconditioner=ctx.scaling,
@@ -472,23 +502,8 @@ class TaskIF(RoundEstimator):
     self_influence: bool = False
 
     def __post_init__(self) -> None:
-        as_solver(self.solver, argument="TaskIF(solver=...)")
-        if self.damping is not None and not (
-            (isinstance(self.damping, str) and self.damping == "auto")
-            or (
-                isinstance(self.damping, (int, float))
-                and not isinstance(self.damping, bool)
-                and math.isfinite(self.damping)
-                and self.damping >= 0
-            )
-        ):
-            raise ValueError(f"TaskIF(damping={self.damping!r}) must be a finite number >= 0 or 'auto'.")
-        if not isinstance(self.l2, (int, float)) or not math.isfinite(self.l2) or self.l2 < 0:
-            raise ValueError(f"TaskIF(l2={self.l2!r}) must be a finite number >= 0.")
-        if self.on_error not in ("warn", "raise"):
-            raise ValueError(f"TaskIF(on_error={self.on_error!r}) must be 'warn' or 'raise'.")
+        _check_solve_settings("TaskIF", self)
         _check_max_tasks("TaskIF", self.max_tasks)
-        _check_curvature("TaskIF", self.curvature)
 
     def score(self, ctx: RoundContext) -> RoundScores:
         settings = as_solver(self.solver)
@@ -502,9 +517,9 @@ class TaskIF(RoundEstimator):
                 ctx.problem,
                 ctx.params,
                 ctx.pool.batch(positions),
-                None if ctx.utility is not None else ctx.reference,
+                ctx.reference_tasks,
                 utility=ctx.utility,
-                task_ids=torch.as_tensor(ctx.pool.task_ids)[positions],
+                task_ids=ctx.task_ids(positions),
                 estimator="task_if",
                 solver=settings.name,
                 solver_options=settings.options(),
@@ -559,9 +574,8 @@ class TraceTaskIF(RoundEstimator):
     projection_dim: int | None = None
 
     def __post_init__(self) -> None:
-        TaskIF(solver=self.solver, damping=self.damping, l2=self.l2, on_error=self.on_error)  # same checks
+        _check_solve_settings("TraceTaskIF", self)
         _check_max_tasks("TraceTaskIF", self.hessian_tasks, "hessian_tasks")
-        _check_curvature("TraceTaskIF", self.curvature)
         if self.projection_dim is not None and (
             not isinstance(self.projection_dim, int) or self.projection_dim < 1
         ):
@@ -610,7 +624,7 @@ class TraceTaskIF(RoundEstimator):
                 ctx.problem,
                 ctx.params,
                 ctx.pool.batch(sample),
-                None if ctx.utility is not None else ctx.reference,
+                ctx.reference_tasks,
                 utility=ctx.utility,
                 solver=settings.name,
                 solver_options=settings.options(),
@@ -728,9 +742,9 @@ class Ensemble(RoundEstimator):
             ctx.problem,
             ctx.params,
             ctx.pool.batch(positions),
-            None if ctx.utility is not None else ctx.reference,
+            ctx.reference_tasks,
             utility=ctx.utility,
-            task_ids=torch.as_tensor(ctx.pool.task_ids)[positions],
+            task_ids=ctx.task_ids(positions),
             estimator="ensemble",
             noise_copies=self.copies,
             noise_std=self.std,
@@ -780,7 +794,7 @@ class SampleInfluence:
             ctx.problem,
             ctx.params,
             tasks,
-            None if ctx.utility is not None else ctx.reference,
+            ctx.reference_tasks,
             utility=ctx.utility,
             solver="identity",
             chunk_size=ctx.engine.get("chunk_size", 16),

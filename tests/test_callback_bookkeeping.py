@@ -395,6 +395,8 @@ def test_settings_that_cannot_apply_are_refused(tmp_path):
         MetaInfluence(Checkpoints(), store=GradientStoreConfig(trajectory=True))
     with pytest.raises(ValueError, match=r"TraceTaskIF\(hessian_tasks=0\)"):
         TraceTaskIF(hessian_tasks=0)
+    with pytest.raises(ValueError, match=r"TraceTaskIF\(damping=nan\)"):  # names the class the user built
+        TraceTaskIF(damping=float("nan"))
     with pytest.raises(ValueError, match=r"TaskIF\(curvature='gauss-newton'\)"):
         TaskIF(curvature="gauss-newton")
     from metaif_helpers import HigherUserModule

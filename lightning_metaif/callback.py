@@ -13,6 +13,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -580,6 +581,9 @@ class MetaInfluence(Callback):
             position_of=self._position_of,
             # (a round's context only: the per-step gradient recomputation must not scan the pool)
             num_kept=len(self._kept_positions()) if trainer is not None and self._pool_ids is not None else 0,
+            sum_over_processes=(
+                None if trainer is None or trainer.world_size <= 1 else partial(_sum_over_ranks, trainer)
+            ),
         )
 
     def _run_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, can_log: bool) -> None:

@@ -99,6 +99,7 @@ class RoundContext:
     num_kept: int = (
         0  # kept (unpruned) tasks: M of the training objective (objective_positions may be a sample)
     )
+    sum_over_processes: Callable[[Tensor], Tensor] | None = None  # None = one process; else an all-reduce sum
 
     @property
     def reference_tasks(self) -> Any:
@@ -357,7 +358,7 @@ class Trajectory(RoundEstimator):
     def score(self, ctx: RoundContext) -> RoundScores:
         previous_value = self._reference_value
         self._reference, self._reference_value = _reference(ctx)  # for the steps until the next round
-        self._accumulator.observe(self._reference_value)
+        self._accumulator.observe(self._reference_value, occurrences=self._occurrences_over_processes(ctx))
         totals = self._accumulator.scores()
         # a held snapshot has no data on tasks first seen after it: they stay unscored (not 0)
         seen = totals.diagnostics["counts"] > 0
@@ -389,6 +390,20 @@ class Trajectory(RoundEstimator):
                 else float(d["best_reference_loss"]),
             },
         )
+
+    def _occurrences_over_processes(self, ctx: RoundContext) -> Tensor | None:
+        """How often each task of this round was traced over all processes (None on one process).
+
+        ``weighting="improvement"`` averages a task's contributions over its occurrences in a round; a task drawn
+        on two processes in one round must be averaged over both, not once per process.
+        """
+        if ctx.sum_over_processes is None or self.weighting != "improvement":
+            return None
+        ids, local = self._accumulator.round_occurrences()
+        positions = torch.tensor([ctx.position_of[int(t)] for t in ids.tolist()], dtype=torch.long)
+        counts = torch.zeros(len(ctx.position_of), dtype=torch.float64)
+        counts[positions] = local.double()
+        return ctx.sum_over_processes(counts)[positions].round().long()
 
     def state_dict(self) -> dict[str, Any]:
         ids = sorted(self._reported)

@@ -300,6 +300,31 @@ def test_ddp_spawn_matches_a_single_process_run_with_the_same_global_batch(tmp_p
     )
 
 
+def test_ddp_task_seen_on_both_ranks_in_a_round_counts_once(tmp_path):
+    """Rounds of two epochs: a task drawn on rank 0 in one epoch and rank 1 in the next must get the mean of its
+    two contributions (weighting="improvement" averages a task's occurrences in a round), exactly as in the
+    single-process run with the same global batches, not one mean per rank summed."""
+    seed_all(0)
+    out = tmp_path / "ranks"
+    out.mkdir()
+    influence = MetaInfluence("trajectory", every_n_epochs=2, verbose=False)
+    dm, _ = digits_setup(num_train=16, batch_size=2, task_state=influence.task_state)
+    t = trainer(
+        tmp_path / "ddp", [influence, DumpRankState(str(out))], max_epochs=4, strategy="ddp_spawn", devices=2
+    )
+    t.fit(tiny_maml(), datamodule=dm)
+    ddp = json.loads((out / "rank0.json").read_text())
+
+    seed_all(0)
+    single = MetaInfluence("trajectory", every_n_epochs=2, verbose=False)
+    dm1, _ = digits_setup(num_train=16, batch_size=4, task_state=single.task_state)
+    trainer(tmp_path / "single", [single], max_epochs=4).fit(tiny_maml(), datamodule=dm1)
+    assert ddp["rounds"] == single.rounds == 2
+    torch.testing.assert_close(
+        torch.tensor(ddp["scores"], dtype=torch.float64), single.result.scores, rtol=1e-4, atol=1e-8
+    )
+
+
 def test_trace_task_if_equals_an_independent_solve_on_the_traced_gradients(tmp_path):
     """TraceTaskIF: s = (H + δI)^{-1} ∇f by an explicit Hessian (torch.autograd.functional.hessian), scores
     (1/M) ⟨g_k, s⟩ with g_k recomputed at the parameters of the last step that trained on task k."""

@@ -125,3 +125,39 @@ def test_improvement_weighting_counts_each_round_by_the_fall_of_the_reference_lo
     late.update(0, 1.0, [1], torch.ones(1, 2), torch.ones(2))
     late.observe(0.5)
     assert late.scores().as_dict() == {1: 0.0} and late.scores().diagnostics["unweighted_steps"] == 1
+
+
+def test_improvement_weighting_split_over_processes_adds_up_to_the_one_process_mean():
+    """Two 'processes' each trace part of a round's steps (task 3 on both); with the round's occurrences over
+    both, their scores add up to the one-process accumulator's (the mean over every occurrence)."""
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(5, generator=generator, dtype=torch.float64)
+    steps = [([3, 1], torch.randn(2, 5, generator=generator, dtype=torch.float64)) for _ in range(4)]
+    steps += [([3, 2], torch.randn(2, 5, generator=generator, dtype=torch.float64))]
+    single = TracInAccumulator(normalize="cosine", weighting="improvement")
+    parts = [TracInAccumulator(normalize="cosine", weighting="improvement") for _ in range(2)]
+    for acc in (single, *parts):
+        acc.observe(1.0)
+    for step, (ids, grads) in enumerate(steps):
+        single.update(step, 0.1, ids, grads, reference)
+        parts[step % 2].update(step, 0.1, ids, grads, reference, batch_size=2)
+    totals: dict[int, int] = {}
+    for acc in parts:
+        for t, c in zip(*(x.tolist() for x in acc.round_occurrences())):
+            totals[t] = totals.get(t, 0) + c
+    single.observe(0.5)
+    for acc in parts:
+        ids, _ = acc.round_occurrences()
+        acc.observe(0.5, occurrences=torch.tensor([totals[t] for t in ids.tolist()]))
+    expected = dict(zip(single.scores().task_ids.tolist(), single.scores().scores.tolist()))
+    summed: dict[int, float] = {}
+    for acc in parts:
+        out = acc.scores()
+        for t, s in zip(out.task_ids.tolist(), out.scores.tolist()):
+            summed[t] = summed.get(t, 0.0) + s
+    assert summed.keys() == expected.keys()
+    for t in expected:
+        assert summed[t] == pytest.approx(expected[t], rel=1e-12), t
+    # without the counts over processes, task 3 (seen on both) would count twice
+    with pytest.raises(ValueError, match="occurrences"):
+        TracInAccumulator(weighting="improvement").observe(0.1, occurrences=torch.tensor([1]))

@@ -305,13 +305,33 @@ class TracInAccumulator:
             self._scores.index_add_(0, positions, contributions)
         return contributions
 
-    def observe(self, reference_loss: float, step: int | None = None) -> bool:
+    def round_occurrences(self) -> tuple[Tensor, Tensor]:
+        """Ids of the tasks updated since the last :meth:`observe`, and how often each was (this process).
+
+        Example:
+            >>> acc = TracInAccumulator(weighting="improvement")
+            >>> _ = acc.update(0, 1.0, [4, 9, 4], torch.ones(3, 2), torch.ones(2))
+            >>> [t.tolist() for t in acc.round_occurrences()]
+            [[4, 9], [2, 1]]
+        """
+        seen = self._pending_counts > 0
+        ids = torch.tensor(list(self._index), dtype=torch.long)  # insertion order = accumulator positions
+        return ids[seen], self._pending_counts[seen].clone()
+
+    def observe(
+        self, reference_loss: float, step: int | None = None, *, occurrences: Tensor | None = None
+    ) -> bool:
         """Record the reference loss of a scoring round; True when it is a new best (scores snapshotted).
 
         With ``keep="best"`` the snapshot is what :meth:`scores` returns; with ``keep="all"`` the loss is
         only recorded (``holding`` still says whether it is above its best). An observation before any update
         is a baseline only (the first round's weight with ``weighting="improvement"``), never a best. Raises on
         a non-finite loss: a diverged reference must not silently freeze or move the scores.
+
+        ``occurrences`` (``weighting="improvement"`` with the steps split over processes): each task's number of
+        occurrences in the round over *all* processes, aligned with :meth:`round_occurrences`. Each process then
+        adds its own sum divided by that count, so the processes' scores add up to the mean over every occurrence
+        (the default, this process's counts, is right for one process).
         """
         loss = float(reference_loss)
         if not torch.isfinite(torch.tensor(loss)):
@@ -326,8 +346,20 @@ class TracInAccumulator:
                 weight = 0.0
             else:
                 weight = max(0.0, previous - loss)
+            counts = self._pending_counts.clamp_min(1)
+            if occurrences is not None:
+                seen = self._pending_counts > 0
+                total = torch.as_tensor(occurrences).reshape(-1).long()
+                if total.numel() != int(seen.sum()) or bool((total < self._pending_counts[seen]).any()):
+                    raise ValueError(
+                        f"occurrences must give, for each of the {int(seen.sum())} tasks of round_occurrences(), "
+                        "its count over all processes (at least this process's count), got "
+                        f"{total.tolist()}."
+                    )
+                counts = counts.clone()
+                counts[seen] = total
             if self._pending_steps:
-                self._scores += weight * self._pending / self._pending_counts.clamp_min(1)
+                self._scores += weight * self._pending / counts
                 self.last_round_weight = weight
             self._pending.zero_()
             self._pending_counts.zero_()

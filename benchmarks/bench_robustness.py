@@ -437,6 +437,61 @@ def targets(rows: list[dict], cells: list[dict], estimators=ESTIMATORS) -> list[
     return out
 
 
+def markdown(cells: list[dict], estimators=ESTIMATORS) -> str:
+    """The per-cell table as BENCHMARKS.md prints it (AUROC: mean over seeds, worst seed in brackets)."""
+
+    def num(value: float, fmt: str = ".3f") -> str:
+        return "–" if not math.isfinite(value) else format(value, fmt)
+
+    def auroc(cell: dict, est: str) -> str:
+        mean_, worst_ = cell.get(f"auroc_{est}", math.nan), cell.get(f"auroc_{est}_min", math.nan)
+        if not math.isfinite(mean_):
+            return "–"
+        return f"{mean_:.3f}" if cell["seeds"] == 1 or est in TASK_IF else f"{mean_:.3f} ({worst_:.3f})"
+
+    shown = [e for e in estimators if any(f"auroc_{e}" in c for c in cells)]
+    header = ["family", "corrupted", "outer", "epochs", "seeds", "rising"]
+    header += [f"AUROC {e}" for e in shown]
+    header += ["pruned", "precision (worst)", "restored", "acc. without", "acc. with", "change (points)"]
+    header += ["loss without", "loss with", "task-IF failed / not converged"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for c in cells:
+        change = 100 * c["delta_acc"]
+        change_text = "–" if not math.isfinite(change) else f"{change:+.1f}".replace("-", "−")
+        if math.isfinite(change) and change < 0 and c["corrupt"] != "0%":
+            change_text = f"**{change_text}**"
+        if math.isfinite(change) and abs(change) > 0.5 and c["corrupt"] == "0%":
+            change_text = f"**{change_text}**"
+        failed = [
+            f"{c[f'failed_{n}']}/{c[f'unconverged_{n}']} of {c[f'rounds_{n}']}"
+            for n in TASK_IF
+            if f"failed_{n}" in c
+        ]
+        precision = "–"
+        if math.isfinite(c["precision"]):
+            precision = f"{c['precision']:.3f} ({c['precision_min']:.3f})"
+        row = [
+            c["family"],
+            c["corrupt"],
+            c["recipe"],
+            str(c["epochs"]),
+            str(c["seeds"]),
+            f"{c['rising']}/{c['seeds']}",
+            *[auroc(c, e) for e in shown],
+            num(c["pruned"], ".1f"),
+            precision,
+            num(c["restored"], ".1f"),
+            num(c["acc_no_prune"]),
+            num(c["acc_prune"]),
+            change_text,
+            num(c["loss_no_prune"]),
+            num(c["loss_prune"]),
+            ", ".join(failed) or "–",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def plot(cells: list[dict], name: str, estimators=ESTIMATORS) -> None:
     plt = C.figure(name)
     corrupted = [c for c in cells if c["corrupt"] != "0%"]
@@ -653,6 +708,8 @@ def main() -> None:
     environment["load_avg_1min_over_cells"] = [min(loads), mean(loads), max(loads)] if loads else []
     environment["jsonl"] = path.name
     C.save(name, {"environment": environment, "grid": grid, "rows": rows, "cells": cells, "targets": goals})
+    table = markdown(cells, estimators)
+    (C.RESULTS / f"{name}_table.md").write_text(table + "\n")
     plot(cells, name, estimators)
 
 

@@ -187,7 +187,7 @@ def _check_max_tasks(owner: str, value: int | None, argument: str = "max_tasks")
         raise ValueError(f"{owner}({argument}={value!r}) must be a positive integer or None (every task).")
 
 
-def _check_solve_settings(owner: str, settings: Any) -> None:
+def _check_solve_settings(owner: str, settings: Any, extra_curvatures: tuple[str, ...] = ()) -> None:
     """The checks of the settings :class:`TaskIF` and :class:`TraceTaskIF` share, naming ``owner``."""
     as_solver(settings.solver, argument=f"{owner}(solver=...)")
     damping = settings.damping
@@ -205,15 +205,15 @@ def _check_solve_settings(owner: str, settings: Any) -> None:
         raise ValueError(f"{owner}(l2={settings.l2!r}) must be a finite number >= 0.")
     if settings.on_error not in ("warn", "raise"):
         raise ValueError(f"{owner}(on_error={settings.on_error!r}) must be 'warn' or 'raise'.")
-    _check_curvature(owner, settings.curvature)
+    _check_curvature(owner, settings.curvature, extra_curvatures)
 
 
-def _check_curvature(owner: str, value: str | None) -> None:
+def _check_curvature(owner: str, value: str | None, extra: tuple[str, ...] = ()) -> None:
     from lightning_metaif.influence.curvature import CURVATURES
 
-    if value is not None and value not in CURVATURES:
+    if value is not None and value not in CURVATURES + extra:
         raise ValueError(
-            f"{owner}(curvature={value!r}): choose one of {CURVATURES} (or None: the engine's default)."
+            f"{owner}(curvature={value!r}): choose one of {CURVATURES + extra} (or None: the engine's default)."
         )
 
 
@@ -567,13 +567,24 @@ class TraceTaskIF(RoundEstimator):
     last step that trained on it), with no second pass over the pool. Tasks not trained on yet are unscored.
     ``g_k`` was taken at the parameters of that step, not the current ones: the price of skipping the pass.
 
+    ``curvature="fisher"`` replaces the curvature products by the empirical Fisher of the traced gradients
+    themselves, ``F = (1/n) Σ_k w_k g_k g_kᵀ`` (:func:`~lightning_metaif.influence.fisher.fisher_direction`):
+    the solve is then exact (a Cholesky factorisation of an ``n × n`` or ``p × p`` matrix, no iterations) and a
+    round costs one reference gradient and one product of the traced rows, at the price of an approximation of
+    the total Hessian (``hessian_tasks``, ``solver`` and ``l2`` do not apply; BENCHMARKS.md §9 compares both).
+
     Args:
         hessian_tasks: tasks in the curvature's subsample (``None``: every kept task).
         solver, damping, l2, curvature, on_error: as for :class:`TaskIF`; the default is CG to relative residual
             1e-3, warm-started; a round whose solve misses its tolerance is reported
-            (``influence/solver_converged`` = 0) and warned about.
+            (``influence/solver_converged`` = 0) and warned about. ``curvature`` may also be ``"fisher"``.
         projection_dim: keep the traced gradients projected to this dimension (a seeded random projection;
-            memory ``pool × projection_dim``); ``None`` keeps them whole.
+            memory ``pool × projection_dim``); ``None`` keeps them whole. Under DDP, ``curvature="fisher"``
+            needs it at most 4,096 (the ``p × p`` Fisher is summed over processes).
+
+    Example:
+        >>> TraceTaskIF(curvature="fisher").curvature, TraceTaskIF().hessian_tasks
+        ('fisher', 32)
     """
 
     name: ClassVar[str] = "task_if_trace"
@@ -589,7 +600,7 @@ class TraceTaskIF(RoundEstimator):
     projection_dim: int | None = None
 
     def __post_init__(self) -> None:
-        _check_solve_settings("TraceTaskIF", self)
+        _check_solve_settings("TraceTaskIF", self, extra_curvatures=("fisher",))
         _check_max_tasks("TraceTaskIF", self.hessian_tasks, "hessian_tasks")
         if self.projection_dim is not None and (
             not isinstance(self.projection_dim, int) or self.projection_dim < 1
@@ -627,6 +638,8 @@ class TraceTaskIF(RoundEstimator):
         self._row_step[positions] = int(step)
 
     def score(self, ctx: RoundContext) -> RoundScores:
+        if self.curvature == "fisher":
+            return self._score_with_fisher(ctx)
         settings = as_solver(self.solver)
         objective = ctx.objective_positions
         sample = seeded_subsample(objective, self.hessian_tasks, ctx.seed, ctx.round_index)
@@ -662,6 +675,35 @@ class TraceTaskIF(RoundEstimator):
         # the callback keeps, per task, the score from the newest row)
         mine = objective[self._has_row[objective]]
         weights = ctx.objective_weights[_index_in(objective, mine)]
+        scores = direction_scores(self._rows[mine], s, weights, ctx.objective_size).to(torch.float64)
+        return RoundScores(mine, scores, None, _solve_metrics(d), recency=self._row_step[mine].clone())
+
+    def _score_with_fisher(self, ctx: RoundContext) -> RoundScores:
+        from lightning_metaif.influence.fisher import fisher_direction
+
+        objective = ctx.objective_positions
+        mine = objective[self._has_row[objective]]
+        weights = ctx.objective_weights[_index_in(objective, mine)]
+        gradient, value = _reference(ctx)
+        reference = gradient.to("cpu", torch.float32)
+        if self._projection is not None:
+            reference = self._projection(reference[None])[0]
+        solved = _unless_solver_fails(
+            f"TraceTaskIF(curvature='fisher', damping={self.damping!r})",
+            self.on_error,
+            ctx.round_index,
+            lambda: fisher_direction(
+                self._rows[mine],
+                reference,
+                weights=weights,
+                damping="auto" if self.damping is None else self.damping,
+                sum_over_processes=ctx.sum_over_processes,
+            ),
+        )
+        if solved is None:
+            return _failed_round(objective)
+        s, d = solved
+        d["reference_value"] = value
         scores = direction_scores(self._rows[mine], s, weights, ctx.objective_size).to(torch.float64)
         return RoundScores(mine, scores, None, _solve_metrics(d), recency=self._row_step[mine].clone())
 

@@ -374,6 +374,43 @@ def test_trace_task_if_equals_an_independent_solve_on_the_traced_gradients(tmp_p
     assert influence.history[-1]["influence/solver_converged"] == 1.0
 
 
+def test_trace_task_if_with_fisher_curvature_equals_an_explicit_solve_on_the_traced_gradients(tmp_path):
+    """TraceTaskIF(curvature="fisher"): F = (1/n) Σ g_k g_kᵀ over the traced rows (each task's gradient at the
+    last step that trained on it), s = (F + δI)^{-1} ∇f by an explicit p x p solve, scores (1/M) ⟨g_k, s⟩."""
+    from metaif_helpers import _flat_grad
+
+    from lightning_metaif.estimators import TraceTaskIF
+
+    seed_all(1)
+    influence = MetaInfluence(TraceTaskIF(curvature="fisher", damping=0.05), verbose=False)
+    dm, _ = digits_setup(num_train=12, batch_size=4, task_state=influence.task_state)
+    record = RecordSteps()
+    module = tiny_maml()
+    trainer(tmp_path, [influence, record], max_epochs=2).fit(module, datamodule=dm)
+
+    pool = dm.train_pool
+    last_seen = {}
+    for step in sorted(record.steps):
+        for task_id in record.steps[step]["ids"]:
+            last_seen[task_id] = step
+    ids = sorted(last_seen)
+    rows = torch.stack(
+        [
+            _flat_grad(module, record.steps[last_seen[t]]["params"], [pool[pool.task_ids.tolist().index(t)]])[
+                0
+            ]
+            for t in ids
+        ]
+    ).double()
+    fisher = rows.T @ rows / len(ids)
+    reference = _flat_grad(module, record.final, list(dm.val_pool)).double().mean(0)
+    s = torch.linalg.solve(fisher + 0.05 * torch.eye(fisher.shape[0], dtype=torch.float64), reference)
+    expected = {t: float(rows[i] @ s) / 12 for i, t in enumerate(ids)}
+    _assert_close(_by_id(influence.result), expected, rtol=2e-3)
+    assert influence.history[-1]["influence/solver_converged"] == 1.0
+    assert influence.history[-1]["influence/solver_iterations"] == 0.0
+
+
 def test_non_tracing_estimator_scores_the_end_when_no_round_was_due(tmp_path):
     seed_all(0)
     influence = MetaInfluence(Checkpoints(), every_n_epochs=5, verbose=False)

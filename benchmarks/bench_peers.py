@@ -15,9 +15,20 @@ Peers, run only when installed (see BENCHMARKS.md for the install command that k
 
 A peer that cannot run on a problem is reported with its error.
 
+``--tracin-audit``: why TracIn differed from dattri's on problem (b). For several seeds of problem (b) (seed 0
+is the main table's problem; seed s > 0 draws another pool of 30 training tasks and another initial λ, hence
+another optimum λ* and retraining truth), both libraries are run on the
+*same* checkpoint λ* and the same per-task loss, and their inputs are compared before their outputs: the
+per-task gradients and the reference gradients each computes, against an independent ``torch.autograd.grad``
+loop over tasks. Then the scores: ours, dattri's ``TracInAttributor`` as the benchmark called it (dattri 0.3
+always projects the gradients, by default with a seeded Gaussian matrix to 512 dimensions, even when
+``projector_kwargs`` is not given), dattri with ``proj_type="identity"``, and dattri's default projection
+with other projection seeds; Spearman of each with leave-one-task-out retraining.
+
 Usage::
 
-    python benchmarks/bench_peers.py            # problems (a)-(c), ~3 min
+    python benchmarks/bench_peers.py                       # problems (a)-(c), ~3 min
+    python benchmarks/bench_peers.py --tracin-audit        # problem (b), 5 seeds, ~2 min
 """
 
 from __future__ import annotations
@@ -263,14 +274,131 @@ def run(name, problem, params, train, ref) -> list[dict]:
     return rows
 
 
+def autograd_gradients(problem, params: dict, tasks) -> torch.Tensor:
+    """Independent per-task gradients: one ``torch.autograd.grad`` of ``task_loss`` per task, flattened."""
+    leaves = list(params.values())
+    rows = []
+    for i in range(len(tasks)):
+        task = Task(tasks.support_x[i], tasks.support_y[i], tasks.query_x[i], tasks.query_y[i])
+        grads = torch.autograd.grad(problem.task_loss(params, task), leaves)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows)
+
+
+def dattri_tracin(
+    problem, params: dict, train, ref, **projector
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dattri's TracIn pair matrix [train, ref] at one checkpoint, and the per-task gradients it used."""
+    import dattri.algorithm.tracin as dattri_tracin_module
+    from dattri.algorithm.tracin import TracInAttributor
+    from dattri.task import AttributionTask
+
+    # dattri updates its module-level default projector settings in place: restore them for every call
+    dattri_tracin_module.DEFAULT_PROJECTOR_KWARGS.update(
+        {"proj_dim": 512, "proj_max_batch_size": 32, "proj_seed": 0, "device": "cpu", "proj_type": "normal"}
+    )
+    holder = Holder(params)
+    loss = task_loss_fn(problem, holder, train.support_x.dim() - 1)
+    task = AttributionTask(loss_func=loss, model=holder, checkpoints=holder.state_dict())
+    train_loader, test_loader, _ = loaders(train, ref, 8)
+    attributor = TracInAttributor(
+        task=task,
+        weight_list=torch.ones(1),
+        normalized_grad=False,
+        device="cpu",
+        projector_kwargs=projector or None,
+    )
+    pairs = attributor.attribute(train_loader, test_loader)
+    parameters, _ = task.get_param(ckpt_idx=0)
+    data = (train.support_x, train.support_y, train.query_x, train.query_y)
+    ref_data = (ref.support_x, ref.support_y, ref.query_x, ref.query_y)
+    return (
+        pairs,
+        attributor.grad_loss_func(parameters, data),
+        attributor.grad_target_func(parameters, ref_data),
+    )
+
+
+def tracin_audit(seeds: int, projection_seeds: int) -> dict:
+    from lightning_metaif.influence.gradients import per_task_gradients
+
+    rows, per_seed = [], []
+    for seed in range(seeds):
+        problem, params, train, ref = BF.problem_b(30, seed=seed)
+        if seed > 0:  # another pool of training tasks (seed 0: the pool of the main table)
+            from lightning_metaif.meta.pools import SinusoidTaskPool
+
+            train = SinusoidTaskPool(30, shots=10, queries=10, seed=100 + seed, dtype=torch.float64).batch()
+        fit = train_to_convergence(problem, params, train, l2=BF.L2, max_iter=200)
+        lam = fit.params
+        truth = leave_one_task_out(problem, lam, train, ref, l2=BF.L2, max_iter=100).deltas
+        # inputs: per-task and reference gradients, three ways, at the same λ*
+        independent = autograd_gradients(problem, lam, train)
+        independent_ref = autograd_gradients(problem, lam, ref)
+        engine, _ = per_task_gradients(problem, lam, train)
+        engine_ref, _ = per_task_gradients(problem, lam, ref)
+        _, d_train, d_ref = dattri_tracin(problem, lam, train, ref, proj_type="identity")
+
+        def rel(a, b):
+            return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+        ours_scores = task_influence(problem, lam, train, ref, estimator="tracin").scores
+        exact = independent @ independent_ref.mean(0)  # TracIn at λ*: ⟨∇f, g_k⟩, f = mean reference loss
+        scores = {
+            "ours (task_influence tracin)": ours_scores,
+            "independent autograd ⟨∇f, g_k⟩": exact,
+            "dattri, proj_type=identity": dattri_tracin(problem, lam, train, ref, proj_type="identity")[
+                0
+            ].sum(1),
+            "dattri as benchmarked (Gaussian 512, seed 0)": dattri_tracin(problem, lam, train, ref)[0].sum(1),
+        }
+        projected = [
+            float(spearmanr(dattri_tracin(problem, lam, train, ref, proj_seed=s)[0].sum(1), truth)[0])
+            for s in range(projection_seeds)
+        ]
+        rhos = {name: float(spearmanr(v.detach().double(), truth)[0]) for name, v in scores.items()}
+        record = {
+            "seed": seed,
+            "grad_rel_diff_engine_vs_autograd": rel(engine, independent),
+            "grad_rel_diff_dattri_vs_autograd": rel(d_train, independent),
+            "ref_grad_rel_diff_engine_vs_autograd": rel(engine_ref, independent_ref),
+            "ref_grad_rel_diff_dattri_vs_autograd": rel(d_ref, independent_ref),
+            "scores_rel_diff_ours_vs_independent": rel(ours_scores, exact),
+            "scores_rel_diff_dattri_identity_vs_independent": rel(
+                scores["dattri, proj_type=identity"] / len(ref), exact
+            ),
+            "spearman": rhos,
+            "spearman_dattri_default_projection_seeds": projected,
+        }
+        per_seed.append(record)
+        row = {"seed": seed, **{k: v for k, v in rhos.items()}}
+        row["dattri Gaussian 512, mean over proj. seeds"] = sum(projected) / len(projected)
+        row["min"], row["max"] = min(projected), max(projected)
+        rows.append(row)
+        print(C.table([row]), flush=True)
+        print({k: v for k, v in record.items() if "diff" in k}, flush=True)
+    return {"rows": rows, "per_seed": per_seed}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--problems", nargs="*", default=["a", "b", "c"])
     parser.add_argument("--name", default="bench_peers", help="results file name")
+    parser.add_argument(
+        "--tracin-audit", action="store_true", help="ours vs dattri's TracIn on (b), per seed"
+    )
+    parser.add_argument("--seeds", type=int, default=5, help="problem (b) seeds for --tracin-audit")
+    parser.add_argument("--projection-seeds", type=int, default=10, help="dattri projection seeds")
     args = parser.parse_args()
     C.set_threads(args.threads)
     env = C.environment()
+    if args.tracin_audit:
+        env["dattri"] = _version("dattri")
+        audit = tracin_audit(args.seeds, args.projection_seeds)
+        print(C.table(audit["rows"]))
+        C.save("bench_peers_tracin_audit", {"environment": env, **audit})
+        return
     env["dattri"] = _version("dattri")
     env["kronfluence"] = _version("kronfluence")
     builders = {

@@ -122,6 +122,36 @@ def test_identity_solver_is_inner_product_and_tracin(setup):
     assert ensemble.diagnostics["num_members"] == 1 and ensemble.diagnostics["mean_member_std"] == 0.0
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tracin_on_a_maml_module_matches_an_independent_autograd_loop(seed):
+    """TracIn of the ``MAML`` module (tanh MLP on sinusoids, MSE, 2 inner steps: the meta-gradient runs through
+    the adaptation) equals ``⟨∇f, g_k⟩`` computed independently: one ``torch.autograd.grad`` of ``task_loss``
+    per task and per reference task, ``f`` the mean reference loss (the same numbers dattri's TracIn computes
+    without its random projection, ``benchmarks/bench_peers.py --tracin-audit``)."""
+    from lightning_metaif.meta.maml import MAML
+    from lightning_metaif.meta.pools import SinusoidTaskPool
+
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    problem = MAML(net, loss="mse", inner_lr=0.05, inner_steps=2).double()
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in problem.meta_parameters().items()}
+    train = SinusoidTaskPool(6, shots=5, queries=5, seed=seed, dtype=torch.float64).batch()
+    ref = SinusoidTaskPool(3, shots=5, queries=5, seed=50 + seed, id_offset=100, dtype=torch.float64).batch()
+
+    def autograd_rows(tasks):
+        rows = []
+        for i in range(len(tasks)):
+            task = Task(tasks.support_x[i], tasks.support_y[i], tasks.query_x[i], tasks.query_y[i])
+            grads = torch.autograd.grad(problem.task_loss(params, task), list(params.values()))
+            rows.append(torch.cat([g.reshape(-1) for g in grads]))
+        return torch.stack(rows)
+
+    expected = autograd_rows(train) @ autograd_rows(ref).mean(0)
+    result = task_influence(problem, params, train, ref, estimator="tracin")
+    torch.testing.assert_close(result.scores, expected, rtol=1e-10, atol=1e-12)
+    assert expected.abs().max() > 0
+
+
 def test_tracin_checkpoints_and_preconditioner(setup):
     problem, train, ref, params = setup
     other = {k: (v + 0.05).detach().requires_grad_(True) for k, v in params.items()}

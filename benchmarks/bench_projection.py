@@ -6,9 +6,22 @@ seeds: the spread of ``‖Pa‖²/‖a‖² − 1`` and of the inner-product err
 correlated gradient-like vectors (heavy-tailed coordinates, so sparsity is not flattered), and the Spearman
 correlation of 200 projected inner products with the exact ones (a TracIn ranking).
 
+``--detection``: does scoring from the store's projected gradients lose corrupted-task detection? For each task
+family (digits, MLP 64-32-5, 2,245 parameters; Gaussian mixtures, MLP 16-64-5, 1,413 parameters) and seed, a
+real Lightning run of MAML (20% of the tasks ``shuffle_query``-corrupted, outer Adam 3e-3, 10 epochs, batch 10)
+with ``MetaInfluence(Trajectory(...), store=GradientStoreConfig(trajectory=True, ...))`` is repeated with the
+store unprojected (float32 rows) and projected by the SJLT to d = 1,024 (the default, float16), 256 and 64.
+The same seed gives the same run (checked: the callback's own unprojected scores agree across the repeats), so
+the comparison is paired. Each store is scored with :func:`~lightning_metaif.influence.tracin.store_tracin`
+against the reference gradients the callback used at each step (recorded, and projected with the run's own
+projection): plain TracIn along the path. Reported: AUROC of the corrupted tasks (lowest scores flagged) per
+run, the paired AUROC differences projected − unprojected, and the callback's default ``Trajectory`` AUROC
+(unprojected, cosine / improvement / best) for context.
+
 Usage::
 
-    python benchmarks/bench_projection.py            # p = 10^5 and 10^6, ~1 min
+    python benchmarks/bench_projection.py              # p = 10^5 and 10^6, ~1 min
+    python benchmarks/bench_projection.py --detection  # 2 families x 3 seeds x 4 stores, ~10 min
 """
 
 from __future__ import annotations
@@ -69,8 +82,16 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=10, help="projections per kind for the accuracy")
+    parser.add_argument("--detection", action="store_true", help="corrupted-task AUROC from projected stores")
+    parser.add_argument("--seeds-detection", type=int, default=3)
+    parser.add_argument("--tasks", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--families", nargs="*", default=["digits", "gaussian"])
     args = parser.parse_args()
     C.set_threads(args.threads)
+    if args.detection:
+        detection_main(args)
+        return
     env = C.environment()
     results, rows = {}, []
     for p in (100_000, 1_000_000):
@@ -95,6 +116,221 @@ def main() -> None:
     print(f"d = {args.dim}; √(2/d) = {(2 / args.dim) ** 0.5:.4f} (accuracy measured at p = 100,000)")
     print(C.table(rows))
     C.save("bench_projection", {"environment": env, "dim": args.dim, "results": results, "rows": rows})
+
+
+# --- detection from the projected store ----------------------------------------------------------------------
+
+DETECTION_DIMS = (None, 1024, 256, 64)  # None: the store keeps the gradients unprojected (float32)
+
+
+def _recording_trajectory():
+    """``Trajectory`` that remembers the reference gradient each traced step used (to score the store)."""
+    from lightning_metaif.estimators import Trajectory
+
+    class RecordingTrajectory(Trajectory):
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            self.references: list[torch.Tensor] = []
+            self.reference_of_step: dict[int, int] = {}
+
+        def on_step(self, step, task_ids, gradients, **kwargs) -> None:
+            if not self.references or self.references[-1] is not self._reference:
+                self.references.append(self._reference)
+            self.reference_of_step[int(step)] = len(self.references) - 1
+            super().on_step(step, task_ids, gradients, **kwargs)
+
+    return RecordingTrajectory()
+
+
+def _detection_family(name: str, seed: int, num_tasks: int):
+    from lightning_metaif.meta.datasets import digits_splits, gaussian_mixture_splits
+
+    if name == "digits":
+        splits = digits_splits(num_train_tasks=num_tasks, num_val_tasks=20, num_test_tasks=5, seed=seed)
+        return splits, lambda: torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5)
+        )
+    splits = gaussian_mixture_splits(num_train_tasks=num_tasks, num_val_tasks=20, num_test_tasks=5, seed=seed)
+    return splits, lambda: torch.nn.Sequential(
+        torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 5)
+    )
+
+
+OFFLINE = {  # projections applied here to the unprojected store's float32 rows (same run, same references)
+    "offline: float16 rows, unprojected": (None, None),
+    "offline: sjlt d=1024, the store's seed, float32": ("sjlt-same-seed", 1024),
+    "offline: sjlt d=1024, float32": ("sjlt", 1024),
+    "offline: rademacher d=1024, float32": ("rademacher", 1024),
+    "offline: gaussian d=1024, float32": ("gaussian", 1024),
+}
+
+
+def _offline_variants(store, estimator, ids: torch.Tensor, seed: int) -> dict:
+    """Plain TracIn from the unprojected store's rows under other projections / storage precision: separates the
+    projection's error from float16 storage, and SJLT from dense projections at the same d."""
+    from lightning_metaif.influence.projection import RandomProjection
+
+    out = {}
+    position = {int(t): i for i, t in enumerate(ids.tolist())}
+    for name, (kind, dim) in OFFLINE.items():
+        # another draw (seed + 1) than the store's, except "the store's seed" (must reproduce the d = 1024 store)
+        projection = (
+            None
+            if kind is None
+            else RandomProjection(
+                store.dim, dim, seed=seed if kind == "sjlt-same-seed" else seed + 1, kind=kind.split("-")[0]
+            )
+        )
+        refs = torch.stack([r.float() for r in estimator.references])
+        refs = refs if projection is None else projection(refs)
+        scores = torch.zeros(len(ids), dtype=torch.float64)
+        for info in store.checkpoints():
+            for _, _, block, block_ids, steps, lrs in store.iter_blocks(info, columns=True):
+                rows = block.clone()
+                rows = rows.half().float() if projection is None else projection(rows)
+                which = torch.tensor([estimator.reference_of_step[int(t)] for t in steps])
+                contrib = (rows * refs[which]).sum(1).double() * torch.from_numpy(lrs).double()
+                index = torch.tensor([position[int(t)] for t in block_ids])
+                scores.index_add_(0, index, contrib)
+        out[name] = scores
+    return out
+
+
+def _detection_run(splits, backbone, pool, truth, dim, seed: int, epochs: int) -> dict:
+    import tempfile
+
+    import lightning.pytorch as pl
+    from sklearn.metrics import roc_auc_score
+
+    from lightning_metaif import GradientStoreConfig, MetaInfluence
+    from lightning_metaif.influence.store import GradientStore
+    from lightning_metaif.influence.tracin import store_tracin
+    from lightning_metaif.meta.datamodule import MetaDataModule
+    from lightning_metaif.meta.maml import MAML
+
+    pl.seed_everything(seed, verbose=False)
+    estimator = _recording_trajectory()
+    config = GradientStoreConfig(
+        projection_dim=dim, trajectory=True, dtype="float32" if dim is None else "float16"
+    )
+    influence = MetaInfluence(estimator, store=config, verbose=False, seed=seed)
+    dm = MetaDataModule(pool, splits.val, batch_size=10, seed=seed, task_state=influence.task_state)
+    maml = MAML(backbone(), inner_lr=0.5, outer_lr=3e-3, optimizer="adam", num_ways=5)
+    with tempfile.TemporaryDirectory() as root:
+        _, seconds = C.fit_quietly(maml, dm, max_epochs=epochs, callbacks=[influence], default_root_dir=root)
+        projection = influence._projection  # the run's own projection (None: d >= p, kept unprojected)
+        if dim is not None and dim < influence._layout.numel:
+            assert projection is not None, "the store should project"
+        refs = [r.double() for r in estimator.references]
+        refs = [r if projection is None else projection(r[None].to(torch.float32))[0].double() for r in refs]
+        store = GradientStore.open(influence._root / "store" / "rank0", readonly=True)
+        ids = torch.as_tensor(truth["ids"])
+        stored = store_tracin(
+            store, lambda step: refs[estimator.reference_of_step[step]].float(), task_ids=ids
+        ).scores
+        store_dim, store_dtype = store.dim, str(store.dtype)
+        offline = _offline_variants(store, estimator, ids, seed) if dim is None else {}
+        store.close()
+    result = influence.result
+    positives = torch.isin(ids, torch.as_tensor(truth["corrupted"]))
+    callback_scores = result.scores[torch.searchsorted(result.task_ids, ids)].double()
+    return {
+        "store_dim": store_dim,
+        "store_dtype": store_dtype,
+        "num_params": influence._layout.numel,
+        "auroc_store": float(roc_auc_score(positives.numpy(), (-stored).numpy())),
+        "auroc_callback_default": float(roc_auc_score(positives.numpy(), (-callback_scores).numpy())),
+        "offline_auroc": {
+            name: float(roc_auc_score(positives.numpy(), (-v).numpy())) for name, v in offline.items()
+        },
+        "offline_scores": offline,
+        "callback_scores": callback_scores,
+        "store_scores": stored,
+        "seconds": seconds,
+    }
+
+
+def detection(seeds: int, num_tasks: int, epochs: int, families: list[str]) -> tuple[list[dict], list[dict]]:
+    from lightning_metaif.meta.noise import corrupt_tasks
+
+    runs = []
+    for family in families:
+        for seed in range(seeds):
+            splits, backbone = _detection_family(family, seed, num_tasks)
+            pool, corruption = corrupt_tasks(splits.train, 0.2, mode="shuffle_query", seed=seed)
+            truth = {"ids": pool.batch().task_ids.sort().values, "corrupted": corruption.task_ids}
+            base = None
+            for dim in DETECTION_DIMS:
+                out = _detection_run(splits, backbone, pool, truth, dim, seed, epochs)
+                if base is None:
+                    base = out
+                same_run = float((out["callback_scores"] - base["callback_scores"]).abs().max())
+                rho = float(spearmanr(out["store_scores"].numpy(), base["store_scores"].numpy())[0])
+                row = {
+                    "family": family,
+                    "seed": seed,
+                    "dim": "unprojected" if dim is None else dim,
+                    "store_dim": out["store_dim"],
+                    "p": out["num_params"],
+                    "auroc": out["auroc_store"],
+                    "delta_vs_unprojected": out["auroc_store"] - base["auroc_store"],
+                    "spearman_vs_unprojected": rho,
+                    "callback_default_auroc": out["auroc_callback_default"],
+                    "callback_scores_max_diff": same_run,
+                    "seconds": out["seconds"],
+                }
+                runs.append(row)
+                print(C.table([row]), flush=True)
+                for name, auroc in out["offline_auroc"].items():
+                    rho = float(
+                        spearmanr(out["offline_scores"][name].numpy(), base["store_scores"].numpy())[0]
+                    )
+                    extra = {
+                        "family": family,
+                        "seed": seed,
+                        "dim": name,
+                        "auroc": auroc,
+                        "delta_vs_unprojected": auroc - base["auroc_store"],
+                        "spearman_vs_unprojected": rho,
+                    }
+                    runs.append(extra)
+                    print(C.table([extra]), flush=True)
+    summary = []
+    for family in families:
+        for label in ["unprojected", *DETECTION_DIMS[1:], *OFFLINE]:
+            sub = [r for r in runs if r["family"] == family and r["dim"] == label]
+            deltas = torch.tensor([r["delta_vs_unprojected"] for r in sub])
+            summary.append(
+                {
+                    "family": family,
+                    "dim": label,
+                    "seeds": len(sub),
+                    "mean_auroc": sum(r["auroc"] for r in sub) / len(sub),
+                    "min_auroc": min(r["auroc"] for r in sub),
+                    "mean_delta": float(deltas.mean()),
+                    "worst_delta": float(deltas.min()),
+                    "mean_spearman_vs_unprojected": sum(r["spearman_vs_unprojected"] for r in sub) / len(sub),
+                }
+            )
+    return runs, summary
+
+
+def detection_main(args) -> None:
+    env = C.environment()
+    runs, summary = detection(args.seeds_detection, args.tasks, args.epochs, args.families)
+    print(C.table(runs))
+    print(C.table(summary))
+    C.save(
+        "bench_projection_detection",
+        {
+            "environment": env,
+            "num_tasks": args.tasks,
+            "epochs": args.epochs,
+            "dims": [d for d in DETECTION_DIMS],
+            "runs": runs,
+            "summary": summary,
+        },
+    )
 
 
 if __name__ == "__main__":

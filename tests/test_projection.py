@@ -88,6 +88,31 @@ def test_johnson_lindenstrauss_norms_and_inner_products(kind):
     assert 0.4 * sigma_norm < float(ratios.std()) < 1.5 * sigma_norm
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sjlt_keeps_every_pairwise_inner_product_of_a_gradient_set_within_the_jl_tolerance(seed):
+    """The Johnson-Lindenstrauss statement for a *set*: one SJLT (the store's default, d = 1024) keeps all
+    pairwise inner products of 40 vectors at once within ε·‖a‖‖b‖, ε = √(2/d)·√(2 ln(2N/0.01)) for the
+    N = 820 pairs (a Gaussian tail bound per pair with std ≤ √(2/d), union bound, 1% failure). The vectors
+    are gradient-like: heavy-tailed coordinates (a few dominate, where sparse projections are weakest) and
+    correlated. The errors' spread must also be of order √(1/d) (a broken projection that returned its input
+    scaled would fail the lower bound)."""
+    p, d, n = 5000, 1024, 40
+    g = torch.Generator().manual_seed(100 + seed)
+    scale = torch.randn(p, generator=g, dtype=torch.float64).abs() ** 3
+    common = torch.randn(p, generator=g, dtype=torch.float64) * scale
+    x = 0.5 * common + torch.randn(n, p, generator=g, dtype=torch.float64) * scale
+    px = RandomProjection(p, d, seed=seed, kind="sjlt", dtype=torch.float64)(x)
+    norms = x.norm(dim=1)
+    errors = (px @ px.T - x @ x.T) / (norms[:, None] * norms[None, :])
+    pairs = errors[
+        torch.triu_indices(n, n)[0], torch.triu_indices(n, n)[1]
+    ]  # i <= j: norms and inner products
+    epsilon = math.sqrt(2 / d) * math.sqrt(2 * math.log(2 * len(pairs) / 0.01))
+    assert float(pairs.abs().max()) < epsilon
+    rms = float(pairs.pow(2).mean().sqrt())
+    assert 0.5 * math.sqrt(1 / d) < rms < 1.2 * math.sqrt(2 / d)
+
+
 def test_two_million_coordinates_in_bounded_blocks():
     p, d = 2_000_000, 64
     projection = RandomProjection(p, d, seed=5, kind="rademacher", block_size=65536)

@@ -7,10 +7,19 @@ same seeds so that load drift on a shared machine hits both alike. Reported per 
 callback's own time split into per-step tracing and per-round scoring, the ratio without the rounds (tracing
 only), and the gradient store size on disk after the run. Target: trajectory <= 1.05.
 
+``--suite`` measures issue 12's tracing rows in one run: for the ``MAML`` module and for a user's own module
+(``UserMetaModule``: manual optimisation, per-task gradients with ``torch.autograd.grad``, handed over through the
+``reports_task_gradients`` contract), each repetition runs the module without the callback, then with
+``trajectory`` (store off), ``trajectory`` with the per-step store (``GradientStoreConfig(trajectory=True)``, SJLT
+to d = 1,024, float16) and ``checkpoints`` (store on); and the user's module *without* the contract (the callback
+recomputes per-task gradients at each batch start). Runs are interleaved, ratios are medians over repetitions of
+the with/without ratio of the same repetition.
+
 Usage::
 
     python benchmarks/bench_overhead.py          # 200 tasks, 3 epochs, 3 pairs per mode
     python benchmarks/bench_overhead.py --full   # 1000 tasks, 5 epochs, 5 pairs per mode
+    python benchmarks/bench_overhead.py --suite [--full]  # issue 12's rows, both modules, one run
 """
 
 from __future__ import annotations
@@ -39,6 +48,56 @@ def small_mlp(ways: int = 5) -> torch.nn.Module:
     return torch.nn.Sequential(
         torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, ways)
     )
+
+
+class UserMetaModule(pl.LightningModule):
+    """A user's own one-step MAML (not the library's): manual optimisation, per-task meta-gradients with a loop
+    of ``torch.autograd.grad``; ``reports`` declares the ``reports_task_gradients`` contract (hand them over) or
+    not (the callback recomputes them at each batch start). Reads the callback's task weights like ``MAML``."""
+
+    def __init__(self, reports: bool = True, inner_lr: float = 0.5, outer_lr: float = 5e-3) -> None:
+        super().__init__()
+        self.net = small_mlp()
+        self.reports_task_gradients = reports
+        self.inner_lr, self.outer_lr = inner_lr, outer_lr
+        self.automatic_optimization = False
+        self.task_weight_table: dict = {}
+
+    def meta_parameters(self) -> dict[str, torch.Tensor]:
+        return dict(self.net.named_parameters())
+
+    def task_loss(self, params, task, support_weights=None, query_weights=None):
+        support = torch.func.functional_call(self.net, params, (task.support_x,))
+        inner = torch.nn.functional.cross_entropy(support, task.support_y)
+        grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
+        adapted = {n: p - self.inner_lr * g for (n, p), g in zip(params.items(), grads)}
+        query = torch.func.functional_call(self.net, adapted, (task.query_x,))
+        return torch.nn.functional.cross_entropy(query, task.query_y)
+
+    def training_step(self, batch, batch_idx):
+        params = self.meta_parameters()
+        rows, losses = [], []
+        for task in batch:
+            loss = self.task_loss(params, task)
+            rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(params.values()))]))
+            losses.append(loss.detach())
+        grads = torch.stack(rows)
+        weights = torch.tensor([float(self.task_weight_table.get(int(t), 1.0)) for t in batch.task_ids])
+        mean = (weights[:, None] * grads).sum(0) / len(rows)
+        opt = self.optimizers()
+        opt.zero_grad()
+        offset = 0
+        for p in params.values():
+            p.grad = mean[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        opt.step()
+        out = {"loss": (weights * torch.stack(losses)).sum() / len(rows)}
+        if self.reports_task_gradients:
+            out.update(task_ids=batch.task_ids, task_gradients=grads, task_weights=weights)
+        return out
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.outer_lr)
 
 
 def dir_size(path: str) -> int:
@@ -91,6 +150,110 @@ def one_run(splits, args, mode: str | None, workdir: str) -> dict:
     return out
 
 
+SUITE = (  # (module, estimator or None = without the callback, store)
+    ("maml", None, "off"),
+    ("maml", "trajectory", "off"),
+    ("maml", "trajectory", "per-step"),
+    ("maml", "checkpoints", "on"),
+    ("user", None, "off"),
+    ("user", "trajectory", "off"),
+    ("user", "trajectory", "per-step"),
+    ("user", "checkpoints", "on"),
+    ("user-recompute", None, "off"),
+    ("user-recompute", "trajectory", "off"),
+)
+
+
+def suite_run(splits, args, module: str, mode: str | None, store: str, workdir: str) -> dict:
+    pl.seed_everything(0, verbose=False)
+    torch.manual_seed(0)
+    influence, callbacks = None, []
+    if mode is not None:
+        config = None
+        if store != "off":
+            config = GradientStoreConfig(
+                projection_dim=args.projection_dim,
+                projection=args.projection,
+                dirpath=os.path.join(workdir, "metaif"),
+                trajectory=store == "per-step",
+            )
+        influence = MetaInfluence(mode, store=config, verbose=False)
+        callbacks.append(influence)
+    dm = MetaDataModule(
+        splits.train,
+        splits.val,
+        batch_size=16,
+        seed=0,
+        task_state=None if influence is None else influence.task_state,
+    )
+    if module == "maml":
+        model = MAML(small_mlp(), inner_lr=0.5, outer_lr=5e-3, num_ways=5)
+    else:
+        model = UserMetaModule(reports=module == "user")
+    trainer, seconds = C.fit_quietly(
+        model, dm, max_epochs=args.epochs, callbacks=callbacks, default_root_dir=workdir
+    )
+    out = {"seconds": seconds, "steps": trainer.global_step}
+    if influence is not None:
+        out.update(
+            rounds=influence.rounds,
+            trace_seconds=influence.timings["trace_seconds"],
+            round_seconds=influence.timings["round_seconds"],
+            store_bytes=dir_size(os.path.join(workdir, "metaif", "store")),
+        )
+    return out
+
+
+def suite(args, splits, env, name: str) -> None:
+    """Issue 12's tracing rows, every configuration interleaved in each repetition (see the module docstring)."""
+    raw: dict[str, list[dict]] = {f"{m}|{e}|{s}": [] for m, e, s in SUITE}
+    tmp = tempfile.mkdtemp(prefix="bench_overhead_")
+    loads = [C.load()]
+    try:
+        for module in ("maml", "user", "user-recompute"):  # warm-up: imports, first vmap trace, path choice
+            suite_run(splits, args, module, "trajectory", "off", os.path.join(tmp, "warm"))
+        for rep in range(args.pairs):
+            for m, e, s in SUITE:
+                work = os.path.join(tmp, f"{rep}_{m}_{e}_{s}")
+                raw[f"{m}|{e}|{s}"].append(suite_run(splits, args, m, e, s, work))
+                shutil.rmtree(work, ignore_errors=True)
+            loads.append(C.load())
+            print(f"repetition {rep + 1}/{args.pairs} done, load {loads[-1]}", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = []
+    for m, e, s in SUITE:
+        if e is None:
+            continue
+        base, runs = raw[f"{m}|None|off"], raw[f"{m}|{e}|{s}"]
+        ratios = [r["seconds"] / b["seconds"] for r, b in zip(runs, base)]
+        steps = runs[0]["steps"]
+        tracing = [(r["seconds"] - r["round_seconds"]) / b["seconds"] for r, b in zip(runs, base)]
+        rows.append(
+            {
+                "module": m,
+                "estimator": e,
+                "store": s,
+                "without_s": C.median([b["seconds"] for b in base]),
+                "with_s": C.median([r["seconds"] for r in runs]),
+                "ratio": C.median(ratios),
+                "ratio_min": min(ratios),
+                "ratio_without_rounds": C.median(tracing),
+                "rounds": runs[0]["rounds"],
+                "per_round_s": C.median([r["round_seconds"] / max(1, r["rounds"]) for r in runs]),
+                "trace_ms_per_step": C.median([1000 * r["trace_seconds"] / max(1, steps) for r in runs]),
+                "base_ms_per_step": C.median([1000 * b["seconds"] / max(1, steps) for b in base]),
+                "store_MiB": runs[0]["store_bytes"] / 2**20,
+            }
+        )
+    print(
+        f"\nMetaInfluence overhead suite: digits pool of {args.pool} tasks, MLP 64-32-5, batch 16, {args.epochs} epochs, "
+        f"one round per epoch, {args.pairs} interleaved repetitions, loads {loads}"
+    )
+    print(C.table(rows))
+    C.save(name, {"environment": env, "config": vars(args), "loads": loads, "rows": rows, "raw": raw})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true")
@@ -105,13 +268,22 @@ def main() -> None:
         "--projection", default="sjlt", help="projection kind of the store (sjlt, rademacher)"
     )
     parser.add_argument("--no-store", action="store_true", help="run the callback without a gradient store")
+    parser.add_argument(
+        "--suite", action="store_true", help="issue 12's rows: both modules, all stores, one run"
+    )
+    parser.add_argument("--pairs", type=int, default=None, help="repetitions (default 3, --full 5)")
     args = parser.parse_args()
     C.set_threads(args.threads)
+    pairs = args.pairs
     args.pool, args.epochs, args.pairs = (1000, 5, 5) if args.full else (200, 3, 3)
+    args.pairs = pairs or args.pairs
     args.projection_dim, args.cg_iterations = (args.projection_dim or None), 20
     name = "bench_overhead" + (f"_{args.tag}" if args.tag else "")
     env = C.environment()
     splits = digits_splits(num_train_tasks=args.pool, num_val_tasks=20, num_test_tasks=10, seed=0)
+    if args.suite:
+        suite(args, splits, env, name.replace("bench_overhead", "bench_overhead_suite"))
+        return
     num_params = sum(p.numel() for p in small_mlp().parameters())
     rows, raw = [], {}
     tmp = tempfile.mkdtemp(prefix="bench_overhead_")

@@ -350,6 +350,7 @@ class Trajectory(RoundEstimator):
             batch_size=batch_size,
             preconditioner=None if scaling is None else scaling.to(gradients),
             task_weights=task_weights,
+            return_contributions=False,  # no host copy per step: folded in at the round
         )
 
     def has_unscored_steps(self) -> bool:

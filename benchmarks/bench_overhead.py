@@ -44,6 +44,15 @@ from lightning_metaif.meta.maml import MAML
 MODES = ("trajectory", "checkpoints", "task_if", "ensemble")
 
 
+def backbone(kind: str = "mlp") -> torch.nn.Module:
+    """The suite's backbone: the 2,245-parameter MLP, or a 3-block ConvNet (16 channels) on the 8x8 digits."""
+    if kind == "convnet":
+        from lightning_metaif.meta.backbones import ConvNet
+
+        return ConvNet(1, 5, hidden=16, image_size=8)
+    return small_mlp()
+
+
 def small_mlp(ways: int = 5) -> torch.nn.Module:
     return torch.nn.Sequential(
         torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, ways)
@@ -55,9 +64,11 @@ class UserMetaModule(pl.LightningModule):
     of ``torch.autograd.grad``; ``reports`` declares the ``reports_task_gradients`` contract (hand them over) or
     not (the callback recomputes them at each batch start). Reads the callback's task weights like ``MAML``."""
 
-    def __init__(self, reports: bool = True, inner_lr: float = 0.5, outer_lr: float = 5e-3) -> None:
+    def __init__(
+        self, reports: bool = True, inner_lr: float = 0.5, outer_lr: float = 5e-3, kind: str = "mlp"
+    ) -> None:
         super().__init__()
-        self.net = small_mlp()
+        self.net = backbone(kind)
         self.reports_task_gradients = reports
         self.inner_lr, self.outer_lr = inner_lr, outer_lr
         self.automatic_optimization = False
@@ -187,9 +198,9 @@ def suite_run(splits, args, module: str, mode: str | None, store: str, workdir: 
         task_state=None if influence is None else influence.task_state,
     )
     if module == "maml":
-        model = MAML(small_mlp(), inner_lr=0.5, outer_lr=5e-3, num_ways=5)
+        model = MAML(backbone(args.backbone), inner_lr=0.5, outer_lr=5e-3, num_ways=5)
     else:
-        model = UserMetaModule(reports=module == "user")
+        model = UserMetaModule(reports=module == "user", kind=args.backbone)
     trainer, seconds = C.fit_quietly(
         model, dm, max_epochs=args.epochs, callbacks=callbacks, default_root_dir=workdir
     )
@@ -247,7 +258,7 @@ def suite(args, splits, env, name: str) -> None:
             }
         )
     print(
-        f"\nMetaInfluence overhead suite: digits pool of {args.pool} tasks, MLP 64-32-5, batch 16, {args.epochs} epochs, "
+        f"\nMetaInfluence overhead suite: digits pool of {args.pool} tasks, {args.backbone}, batch 16, {args.epochs} epochs, "
         f"one round per epoch, {args.pairs} interleaved repetitions, loads {loads}"
     )
     print(C.table(rows))
@@ -271,6 +282,7 @@ def main() -> None:
     parser.add_argument(
         "--suite", action="store_true", help="issue 12's rows: both modules, all stores, one run"
     )
+    parser.add_argument("--backbone", default="mlp", choices=("mlp", "convnet"), help="--suite's backbone")
     parser.add_argument("--pairs", type=int, default=None, help="repetitions (default 3, --full 5)")
     args = parser.parse_args()
     C.set_threads(args.threads)

@@ -9,13 +9,19 @@ recall within the first 10/20/40% of the ranking, against random scores.
 Samples: the same pool with 5% of all labels flipped (``corrupt_tasks(pool, 1.0, "flip_labels", rate=0.05)``);
 instance-IF scores every support and query sample; AUROC / recall@k over all samples. Query samples also by
 ``query_losses`` (each query sample's loss after adaptation, flagged highest), with the adaptation used in
-training (1 inner step) and with 3 and 10 inner steps (an evaluation-time adaptation, same meta-parameters).
-Target: AUROC >= 0.95 for corrupted tasks.
+training (1 inner step) and with 3 and 10 inner steps (an evaluation-time adaptation, same meta-parameters),
+and by ``query_label_outliers`` (each query loss minus the mean loss of its class-mates in the task).
+Target: AUROC >= 0.95 for corrupted tasks; >= 0.85 for mislabelled query samples.
+
+``--query-seeds N``: only the query-sample detection, over N seeds (the seed draws the tasks, the flipped labels
+and the training run) and two task families (digits, MLP 64-32-5; Gaussian mixtures, MLP 16-32-5), with the
+training adaptation (1 inner step) and 3 steps; ``results/bench_detection_query.json``.
 
 Usage::
 
-    python benchmarks/bench_detection.py          # 100 tasks, 5 epochs
-    python benchmarks/bench_detection.py --full   # 300 tasks, 10 epochs, also random_labels
+    python benchmarks/bench_detection.py                 # 100 tasks, 5 epochs
+    python benchmarks/bench_detection.py --full          # 300 tasks, 10 epochs, also random_labels
+    python benchmarks/bench_detection.py --query-seeds 5 # query samples, 5 seeds x 2 families, ~3 min
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from sklearn.metrics import roc_auc_score
 
 from lightning_metaif.influence.estimators import task_influence
 from lightning_metaif.influence.gradients import per_task_gradients
-from lightning_metaif.influence.instance import instance_influence, query_losses
+from lightning_metaif.influence.instance import instance_influence, query_label_outliers, query_losses
 from lightning_metaif.influence.problem import ParamLayout
 from lightning_metaif.influence.tracin import Checkpoint
 from lightning_metaif.meta.datasets import digits_splits
@@ -53,9 +59,9 @@ def detection(flag_scores: torch.Tensor, positives: torch.Tensor) -> dict:
     return out
 
 
-def train(batch, epochs: int, seed: int = 0):
+def train(batch, epochs: int, seed: int = 0, backbone: torch.nn.Module | None = None):
     torch.manual_seed(seed)
-    maml = MAML(small_mlp(), inner_lr=0.5, outer_lr=5e-3, num_ways=5)
+    maml = MAML(small_mlp() if backbone is None else backbone, inner_lr=0.5, outer_lr=5e-3, num_ways=5)
     params = {k: v.detach().clone().requires_grad_(True) for k, v in maml.meta_parameters().items()}
     layout = ParamLayout.of(params)
     opt = torch.optim.Adam(list(params.values()), lr=5e-3)
@@ -203,16 +209,88 @@ def sample_detection(splits, epochs: int) -> list[dict]:
             }
             for steps in (1, 3, 10)
         ),
+        {
+            "corruption": "flip_labels (query only)",
+            "estimator": "query_label_outliers (1 inner step)",
+            **detection(query_label_outliers(maml, params, batch, chunk_size=50), q_mask),
+        },
         {"corruption": "flip_labels", "estimator": "random", **detection(rnd, truth)},
     ]
+
+
+def query_detection(seeds: int, num_tasks: int, epochs: int) -> tuple[list[dict], list[dict]]:
+    """Mislabelled query samples (5% of all labels flipped), per family and seed: AUROC of the raw query losses
+    and of ``query_label_outliers``, with the training adaptation (1 inner step) and 3 steps."""
+    from lightning_metaif.meta.datasets import gaussian_mixture_splits
+
+    families = {
+        "digits": (
+            lambda s: digits_splits(num_train_tasks=num_tasks, num_val_tasks=5, num_test_tasks=5, seed=s),
+            small_mlp,
+        ),
+        "gaussian": (
+            lambda s: gaussian_mixture_splits(
+                num_train_tasks=num_tasks, num_val_tasks=5, num_test_tasks=5, seed=s
+            ),
+            lambda: torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5)),
+        ),
+    }
+    rows = []
+    for family, (make_splits, backbone) in families.items():
+        for seed in range(seeds):
+            pool, corruption = corrupt_tasks(
+                make_splits(seed).train, 1.0, mode="flip_labels", seed=seed, rate=0.05
+            )
+            batch = pool.batch()
+            maml, params, _ = train(batch, epochs, seed=seed, backbone=backbone())
+            q_mask = torch.stack(
+                [corruption.sample_mask(int(t), "query", batch.query_x.shape[1]) for t in batch.task_ids]
+            )
+            row = {"family": family, "seed": seed, "flipped_queries": int(q_mask.sum())}
+            for steps in (1, 3):
+                adapted = MAML(maml.backbone, inner_lr=0.5, inner_steps=steps, num_ways=5)
+                raw = query_losses(adapted, params, batch, chunk_size=50)
+                outliers = query_label_outliers(adapted, params, batch, chunk_size=50)
+                row[f"query_losses {steps} step"] = detection(raw, q_mask)["auroc"]
+                row[f"query_label_outliers {steps} step"] = detection(outliers, q_mask)["auroc"]
+            rows.append(row)
+            print(C.table([row]), flush=True)
+    keys = [k for k in rows[0] if k.startswith("query")]
+    summary = []
+    for family in families:
+        sub = [r for r in rows if r["family"] == family]
+        for key in keys:
+            values = [r[key] for r in sub]
+            summary.append(
+                {
+                    "family": family,
+                    "score": key,
+                    "seeds": len(values),
+                    "mean_auroc": sum(values) / len(values),
+                    "min_auroc": min(values),
+                    "max_auroc": max(values),
+                }
+            )
+    return rows, summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--query-seeds", type=int, default=0, help="only the query-sample detection, N seeds")
     args = parser.parse_args()
     C.set_threads(args.threads)
+    if args.query_seeds:
+        env = C.environment()
+        rows, summary = query_detection(args.query_seeds, 100, 5)
+        print(C.table(rows))
+        print(C.table(summary))
+        C.save(
+            "bench_detection_query",
+            {"environment": env, "num_tasks": 100, "epochs": 5, "rows": rows, "summary": summary},
+        )
+        return
     m, epochs = (300, 10) if args.full else (100, 5)
     modes = ("shuffle_query", "random_labels") if args.full else ("shuffle_query",)
     env = C.environment()

@@ -13,6 +13,10 @@ a task's query scores sum to its task-IF score.
 ``Q · ∂ task_loss / ∂u_z`` (query weights enter linearly), from the same problem contract. A mislabelled query
 sample is one the adapted model cannot fit; this finds flipped query labels far better than instance-IF,
 whose query scores measure the effect on the *reference* tasks (``benchmarks/bench_detection.py``).
+:func:`query_label_outliers` compares each of those losses with the other query samples of its task that carry
+the same label: the adapted model fits some classes of an episode worse than others (a 1-shot support example
+can be a poor one), which raises every query loss of that class; a flipped label stands out against its
+class-mates instead.
 """
 
 from __future__ import annotations
@@ -319,3 +323,58 @@ def query_losses(
     if len({r.numel() for r in results}) == 1:
         return torch.stack(results)
     return results
+
+
+def query_label_outliers(
+    problem: Any,
+    params: Params,
+    tasks: Tasks,
+    *,
+    chunk_size: int = 16,
+    vectorize: Vectorize = "auto",
+) -> Tensor | list[Tensor]:
+    """Each query sample's loss after adaptation minus the mean loss of the *other* query samples of its task with
+    the same label, ``[M, Q]`` (a list of 1-D tensors for ragged tasks). Higher = more likely mislabelled.
+
+    The adapted model of an episode fits its classes unevenly (the adaptation sees a few support samples per
+    class), so raw query losses (:func:`query_losses`) mix how hard a sample's class was in that episode with
+    whether its label is wrong; subtracting the mean loss of its class-mates in the same task removes the first.
+    Groups: query samples with equal labels when the labels are integers, one per sample (classification);
+    all query samples of the task otherwise (regression targets). A sample with no class-mate is compared with
+    the task's other query samples; a task with a single query sample keeps its loss. Leave-one-out means, so a
+    sample never lowers its own score.
+
+    Example:
+        >>> import torch
+        >>> from lightning_metaif.influence.tasks import TaskBatch
+        >>> class Fixed:  # no adaptation: ℓ_z = query_x[z] (each sample's loss is its input)
+        ...     def task_loss(self, params, task, support_weights=None, query_weights=None):
+        ...         losses = task.query_x[:, 0] * params["w"]
+        ...         w = torch.ones_like(losses) if query_weights is None else query_weights
+        ...         return (w * losses).sum() / losses.shape[0]
+        >>> tasks = TaskBatch(torch.zeros(1, 1, 1), torch.zeros(1, 1, dtype=torch.long),
+        ...                   torch.tensor([[[1.0], [2.0], [9.0], [5.0], [5.0]]]),
+        ...                   torch.tensor([[0, 0, 0, 1, 1]]), torch.tensor([0]))
+        >>> query_label_outliers(Fixed(), {"w": torch.ones(1, requires_grad=True)}, tasks).tolist()
+        [[-4.5, -3.0, 7.5, 0.0, 0.0]]
+    """
+    losses = query_losses(problem, params, tasks, chunk_size=chunk_size, vectorize=vectorize)
+    labels = tasks.query_y if isinstance(tasks, TaskBatch) else [task.query_y for task in tasks]
+    if isinstance(losses, Tensor):
+        rows = [_minus_group_means(losses[i], labels[i]) for i in range(losses.shape[0])]
+        return torch.stack(rows) if rows else losses
+    return [_minus_group_means(loss, label) for loss, label in zip(losses, labels)]
+
+
+def _minus_group_means(losses: Tensor, labels: Tensor) -> Tensor:
+    """``losses[z]`` minus the mean over the other samples of z's group (see :func:`query_label_outliers`)."""
+    n = losses.shape[0]
+    if n < 2:
+        return losses
+    labels = labels.to(losses.device)
+    others = ~torch.eye(n, dtype=torch.bool, device=losses.device)
+    classification = labels.dim() == 1 and not labels.is_floating_point() and not labels.is_complex()
+    same = (labels[:, None] == labels[None, :]) & others if classification else others
+    same = torch.where(same.any(1, keepdim=True), same, others)  # no class-mate: the task's other samples
+    weights = same.to(losses.dtype)
+    return losses - (weights @ losses) / weights.sum(1)

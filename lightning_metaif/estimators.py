@@ -46,7 +46,7 @@ from lightning_metaif.config import plain_settings
 from lightning_metaif.influence.direction import direction_scores, influence_direction
 from lightning_metaif.influence.estimators import task_influence
 from lightning_metaif.influence.gradients import reference_gradient
-from lightning_metaif.influence.instance import instance_influence
+from lightning_metaif.influence.instance import instance_influence, query_label_outliers
 from lightning_metaif.influence.problem import Params
 from lightning_metaif.influence.solvers import SolverError
 from lightning_metaif.influence.solvers.settings import CG, SolverSettings, as_solver
@@ -826,7 +826,9 @@ class SampleInfluence:
     """Score the samples of the ``top_k`` most harmful kept tasks each round (instance influence).
 
     Inner-product form at the current parameters: a support or query sample's score is the predicted increase
-    of the reference loss if its weight in the task's loss went from 1 to 0 (positive = helpful).
+    of the reference loss if its weight in the task's loss went from 1 to 0 (positive = helpful). Query samples
+    also get ``excess_loss``, their loss after adaptation minus the mean of the task's other query samples with
+    the same label: the better signal for a mislabelled *query* sample (BENCHMARKS.md §4).
 
     Example:
         >>> SampleInfluence(top_k=0)
@@ -857,6 +859,9 @@ class SampleInfluence:
             solver="identity",
             chunk_size=ctx.engine.get("chunk_size", 16),
         )
+        excess = query_label_outliers(
+            ctx.problem, ctx.params, tasks, chunk_size=ctx.engine.get("chunk_size", 16)
+        )
         image = bool(getattr(ctx.pool, "is_image", False))
         rows = []
         for i, task_id in enumerate(result.task_ids.tolist()):
@@ -867,7 +872,10 @@ class SampleInfluence:
             ):
                 for j, value in enumerate(torch.as_tensor(table[i]).tolist()):
                     label = labels[j].item() if labels[j].numel() == 1 else None
-                    rows.append(SampleScore(task_id, split, j, value, label, inputs[j] if image else None))
+                    extra = float(excess[i][j]) if split == "query" else None
+                    rows.append(
+                        SampleScore(task_id, split, j, value, label, inputs[j] if image else None, extra)
+                    )
         rows.sort(key=lambda row: row.score)
         return rows
 

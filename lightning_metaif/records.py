@@ -93,6 +93,10 @@ class Decision:
 class SampleScore:
     """Influence of one support/query sample of one task (``image`` optional: [H,W], [1|3,H,W] or [H,W,3]).
 
+    ``excess_loss`` (query samples): the sample's loss after adaptation minus the mean loss of the task's other
+    query samples with the same label (:func:`~lightning_metaif.influence.instance.query_label_outliers`); high =
+    likely mislabelled.
+
     Example:
         >>> SampleScore(task_id=3, split="query", index=4, score=-0.25, label=1).split
         'query'
@@ -104,6 +108,7 @@ class SampleScore:
     score: float
     label: int | float | None = None
     image: Tensor | None = None
+    excess_loss: float | None = None
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -111,6 +116,8 @@ class SampleScore:
         self.task_id, self.index, self.score = int(self.task_id), int(self.index), float(self.score)
         if isinstance(self.label, Tensor):
             self.label = self.label.item()
+        if self.excess_loss is not None:
+            self.excess_loss = float(self.excess_loss)
         if self.image is not None and not isinstance(self.image, Tensor):
             raise ValueError(
                 f"SampleScore.image must be a torch.Tensor or None, got {type(self.image).__name__}"

@@ -167,8 +167,9 @@ def test_wandb_dashboard_is_logged_and_readable(tmp_path):
     )
     dm.task_state = influence.task_state
     logger = WandbLogger(project="metaif-test", save_dir=str(tmp_path), mode="offline")
+    trainer_module = [tiny_maml()]
     try:
-        trainer(tmp_path, [influence], max_epochs=2, logger=logger).fit(tiny_maml(), datamodule=dm)
+        trainer(tmp_path, [influence], max_epochs=2, logger=logger).fit(trainer_module[0], datamodule=dm)
     finally:
         wandb.finish()
     run = read_run(tmp_path)
@@ -180,13 +181,32 @@ def test_wandb_dashboard_is_logged_and_readable(tmp_path):
     assert "influence/score_hist_table" in keys
     assert "influence/auroc" in keys
     samples = run.table("influence/harmful_samples")
-    assert samples["columns"] == ["task_id", "split", "index", "score", "label", "image"]
+    assert samples["columns"] == ["task_id", "split", "index", "score", "label", "excess_loss", "image"]
     assert len(samples["data"]) > 0
     scores = [row[3] for row in samples["data"]]
     assert scores == sorted(scores)  # most harmful first
-    assert len(influence.result.sample_rows) == 2 * (
-        5 * 1 + 5 * 15
-    )  # every sample of the 2 most harmful tasks
+    rows = influence.result.sample_rows
+    assert len(rows) == 2 * (5 * 1 + 5 * 15)  # every sample of the 2 most harmful tasks
+    # query rows carry the excess loss: the adapted per-sample loss (MAML's own adaptation, at the round's
+    # parameters) minus the mean over the task's other queries with the same label
+    module = trainer_module[0]
+    params = module.meta_parameters()
+    for task_id in {r.task_id for r in rows}:
+        task = dm.train_pool[dm.train_pool.task_ids.tolist().index(task_id)]
+        theta = module.adapt(params, task)
+        losses = module.sample_losses(
+            {k[len("backbone.") :]: v for k, v in theta.items()}, task.query_x, task.query_y
+        )
+        for r in (r for r in rows if r.task_id == task_id and r.split == "query"):
+            same = (task.query_y == task.query_y[r.index]) & (torch.arange(len(losses)) != r.index)
+            assert r.excess_loss == pytest.approx(
+                float(losses[r.index] - losses[same].mean()), rel=1e-4, abs=1e-6
+            )
+        assert all(r.excess_loss is None for r in rows if r.task_id == task_id and r.split == "support")
+    logged = {(row[0], row[1], row[2]): row[5] for row in samples["data"]}
+    for r in rows:
+        if (r.task_id, r.split, r.index) in logged and r.split == "query":
+            assert logged[(r.task_id, r.split, r.index)] == pytest.approx(r.excess_loss, rel=1e-6)
 
 
 @pytest.mark.parametrize(

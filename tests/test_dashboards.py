@@ -412,12 +412,12 @@ def test_wandb_harmful_samples_with_images(wandb_logger, tmp_path):
     run = finish_and_read(tmp_path)
 
     table = run.table("influence/harmful_samples")
-    assert table["columns"] == ["task_id", "split", "index", "score", "label", "image"]
+    assert table["columns"] == ["task_id", "split", "index", "score", "label", "excess_loss", "image"]
     assert [row[3] for row in table["data"]] == [-4.5, -3.5, -2.5, -1.5, -0.5, 0.5]  # most harmful first
     # the media/table file only names the cell type; the images live in the table's run_table artifact
-    assert [row[5] for row in table["data"]] == ["Image"] * 6
+    assert [row[6] for row in table["data"]] == ["Image"] * 6
     typed, files = run.artifact_table("influence/harmful_samples")
-    images = [row[5] for row in typed["data"]]
+    images = [row[6] for row in typed["data"]]
     assert all(img["_type"] == "image-file" for img in images)
     sizes = [(img["width"], img["height"]) for img in images]
     assert sizes[0] == (32, 32) and sizes[1] == (56, 56)  # 8x8 and 28x28 enlarged for display

@@ -36,7 +36,7 @@ from lightning_metaif.records import Decision, SampleScore, ScoreRound
 __all__ = ["RoundFileWriter", "RunFiles", "load_run", "scores_csv_text", "SCORE_COLUMNS"]
 
 SCORE_COLUMNS = ["task_id", "score", "self_influence", "rank", "weight", "pruned", "classes", "corrupted"]
-SAMPLE_COLUMNS = ["task_id", "split", "index", "score", "label"]
+SAMPLE_COLUMNS = ["task_id", "split", "index", "score", "label", "excess_loss"]
 HISTORY_COLUMNS = ["round", "step", "epoch", "task_id", "score", "weight", "pruned"]
 DECISION_COLUMNS = ["round", "step", "epoch", "action", "task_ids", "reason"]
 METRIC_HEAD = ["round", "step", "epoch", "estimator", "seconds"]
@@ -151,7 +151,7 @@ class RoundFileWriter:
         atomic_write(paths["scores"], scores_csv_text(round))
         if round.sample_rows:
             paths["samples"] = d / f"samples_round_{k:04d}.csv"
-            rows = ([s.task_id, s.split, s.index, s.score, s.label] for s in round.sample_rows)
+            rows = ([s.task_id, s.split, s.index, s.score, s.label, s.excess_loss] for s in round.sample_rows)
             atomic_write(paths["samples"], _csv_text(SAMPLE_COLUMNS, rows))
             with_images = [(i, s.image) for i, s in enumerate(round.sample_rows) if s.image is not None]
             if with_images:
@@ -344,6 +344,7 @@ def load_run(directory: str | os.PathLike[str]) -> RunFiles:
                     None
                     if r["label"] == ""
                     else (int(r["label"]) if r["label"].lstrip("-").isdigit() else float(r["label"])),
+                    excess_loss=None if r.get("excess_loss", "") in ("", None) else float(r["excess_loss"]),
                 )
                 for r in _read(samples_path)
             ]

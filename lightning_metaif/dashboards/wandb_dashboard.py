@@ -353,13 +353,15 @@ class WandbDashboard:
         rows = [s for s in round.sample_rows if math.isfinite(s.score)]
         rows = sorted(rows, key=lambda s: s.score)[: self.max_samples]
         with_images = any(_is_image(s.image) for s in rows)
-        columns = ["task_id", "split", "index", "score", "label"] + (["image"] if with_images else [])
+        columns = ["task_id", "split", "index", "score", "label", "excess_loss"] + (
+            ["image"] if with_images else []
+        )
         labels = [s.label for s in rows]
         if not all(lab is None or isinstance(lab, int) for lab in labels):  # one column type: int or float
             labels = [None if lab is None else float(lab) for lab in labels]
         data = []
         for s, label in zip(rows, labels):
-            row: list[Any] = [s.task_id, s.split, s.index, s.score, label]
+            row: list[Any] = [s.task_id, s.split, s.index, s.score, label, s.excess_loss]
             if with_images:
                 row.append(
                     wandb.Image(image_to_array(s.image), caption=f"task {s.task_id} {s.split}[{s.index}]")

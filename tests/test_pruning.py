@@ -64,7 +64,9 @@ def test_no_pruning_while_the_reference_loss_rises():
 
 @pytest.mark.parametrize("after, restored", [(0.95, True), (0.91, False)])
 def test_rollback_restores_exactly_the_pruned_ids_and_protects_them(after, restored):
-    policy = PruningPolicy(fraction=0.3, warmup_rounds=0, max_fraction_per_round=0.2, rollback_tolerance=0.02)
+    policy = PruningPolicy(
+        fraction=0.3, warmup_rounds=0, max_fraction_per_round=0.2, rollback_tolerance=0.02, rollback_rounds=1
+    )
     same = {0: -5.0, 1: -4.0, 2: -3.0}
     decisions, pruned = run_rounds(policy, [same] * 5, losses=[1.0, 0.9, after, after - 0.01, after - 0.02])
     assert decisions[1].action == "prune" and decisions[1].task_ids == [0, 1]  # 20% per round

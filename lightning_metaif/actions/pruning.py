@@ -5,8 +5,8 @@ Two intents:
 * ``intent="cleaning"`` (default): remove *harmful* tasks for good, and only on a signal that is stable and
   taken while training is improving: a task must be among the lowest scores for ``stable_rounds`` consecutive
   rounds, no pruning happens in a round where the reference loss rose, and a rollback guard brings the last
-  pruned tasks back (a ``"restore"`` decision) if the reference loss got worse by more than
-  ``rollback_tolerance`` after pruning them.
+  pruned tasks back (a ``"restore"`` decision) if the reference loss got worse after pruning them by more than
+  its round-to-round noise (:func:`rollback_tolerance_of`) or the user's ``rollback_tolerance``.
 * ``intent="efficiency"``: InfoBatch (Qin et al., ICLR 2024): every round, drop a random ``drop_ratio`` of the
   *well-learned* tasks (loss below the mean of the kept tasks; in the callback, the self-influence the round
   reports, ``Σ η ‖g_k‖²``, stands for the loss) for the coming epoch and give the kept well-learned tasks the weight
@@ -29,6 +29,42 @@ from lightning_metaif.records import Decision, ScoreRound
 
 Intent = Literal["cleaning", "efficiency"]
 
+ROLLBACK_FLOOR = 0.005
+"""``rollback_tolerance="auto"``: the tolerance is at least this share of the reference loss at the prune."""
+ROLLBACK_UNMEASURED = 0.02
+"""``rollback_tolerance="auto"`` with a single reference loss before the prune (no noise measured yet)."""
+
+
+def rollback_tolerance_of(reference_losses: Sequence[float], sigmas: float = 3.0) -> float:
+    """The automatic rollback tolerance, in loss units, from the reference losses up to a prune (its last).
+
+    How much the reference loss moves by chance from one round to the next, measured before the prune:
+    ``sigmas × 1.4826 × median |Δ²L| / √3``, where ``Δ²L_i = L_i − 2 L_(i−1) + L_(i−2)`` are the second
+    differences of those rounds. Second differences cancel a steady trend (a loss still falling fast is not
+    noise), and for independent round-to-round noise of standard deviation σ they have standard deviation
+    ``√6 σ``, so ``1.4826 × median |Δ²L| / √3`` is a robust estimate of ``√2 σ``, the standard deviation of the
+    difference of two rounds' losses. At least ``ROLLBACK_FLOOR × |L|``. With two losses only, the one change
+    stands for that scale (``sigmas × 1.4826 × |ΔL|``); with one, ``ROLLBACK_UNMEASURED × |L|``.
+
+    Example:
+        >>> # a falling loss with noise: Δ² = .05 .07 -.09, median |Δ²| .07
+        >>> round(rollback_tolerance_of([1.30, 1.20, 1.15, 1.17, 1.10]), 4)
+        0.1798
+        >>> rollback_tolerance_of([1.4, 1.2, 1.0, 0.8])  # a straight line: no noise, the floor (0.5% of 0.8)
+        0.004
+    """
+    losses = [float(x) for x in reference_losses]
+    if not losses:
+        raise ValueError("rollback_tolerance_of needs at least one reference loss.")
+    floor = ROLLBACK_FLOOR * abs(losses[-1])
+    if len(losses) == 1:
+        return ROLLBACK_UNMEASURED * abs(losses[-1])
+    values = torch.tensor(losses, dtype=torch.float64)
+    if len(losses) == 2:
+        return max(sigmas * 1.4826 * float((values[1] - values[0]).abs()), floor)
+    second = values.diff(n=2).abs()
+    return max(sigmas * 1.4826 * float(second.quantile(0.5)) / math.sqrt(3.0), floor)
+
 
 @dataclass
 class PruningMemory:
@@ -38,6 +74,8 @@ class PruningMemory:
     last_round: int = 0
     last_prune_ids: list[int] = field(default_factory=list)
     last_prune_loss: float | None = None
+    last_prune_tolerance: float | None = None  # the rollback tolerance of the last prune, in loss units
+    rounds_worse: int = 0  # rounds since the last prune whose reference loss exceeded its tolerance
     protected: set[int] = field(default_factory=set)
     dropped: list[int] = field(default_factory=list)  # efficiency: the tasks dropped for the current epoch
     precision: list[float] = field(default_factory=list)  # cleaning: one per round that pruned (ground truth)
@@ -49,6 +87,8 @@ class PruningMemory:
             "last_round": self.last_round,
             "last_prune_ids": torch.tensor(self.last_prune_ids, dtype=torch.long),
             "last_prune_loss": self.last_prune_loss,
+            "last_prune_tolerance": self.last_prune_tolerance,
+            "rounds_worse": self.rounds_worse,
             "protected": torch.tensor(sorted(self.protected), dtype=torch.long),
             "dropped": torch.tensor(self.dropped, dtype=torch.long),
             "precision": torch.tensor(self.precision, dtype=torch.float64),
@@ -59,6 +99,8 @@ class PruningMemory:
         self.last_round = int(state["last_round"])
         self.last_prune_ids = state["last_prune_ids"].tolist()
         self.last_prune_loss = state["last_prune_loss"]
+        self.last_prune_tolerance = state.get("last_prune_tolerance")
+        self.rounds_worse = int(state.get("rounds_worse", 0))
         self.protected = set(state["protected"].tolist())
         self.dropped = state["dropped"].tolist()
         self.precision = state["precision"].tolist()
@@ -83,9 +125,19 @@ class PruningPolicy:
         margin: cleaning: a candidate's score must lie below the round's median by more than ``margin``
             robust standard deviations (``1.4826 × MAD`` of the kept tasks' scores): an outlier, not the low
             tail of a pool of clean tasks. ``None`` turns the rule off.
-        rollback_tolerance: cleaning: if the reference loss of the round after a prune exceeds the one of the
-            pruning round by more than this relative amount, the tasks of that prune are restored (and never
-            pruned again). ``None`` turns the guard off (also when no reference losses are given).
+        rollback_tolerance: cleaning: if the reference loss of the rounds after a prune exceeds the one of the
+            pruning round by more than a tolerance (see ``rollback_rounds``), the tasks of that prune are
+            restored (and never pruned again). ``"auto"`` (default): the tolerance is ``rollback_sigmas``
+            robust standard deviations of the round-to-round change of the reference loss, measured up to the
+            prune (:func:`rollback_tolerance_of`), so a noisy run does not bring tasks back for a jump it
+            shows anyway. A number: a fixed relative tolerance (``0.02`` = 2% worse), the user's override.
+            ``None`` turns the guard off (also when no reference losses are given).
+        rollback_sigmas: ``rollback_tolerance="auto"`` only: how many robust standard deviations of the
+            round-to-round change count as noise.
+        rollback_rounds: the tasks come back only if the reference loss stays above the pruning round's by
+            more than the tolerance for this many consecutive rounds after the prune (a one-round jump is
+            noise, a lasting rise is not); ``1`` judges on the first round alone. No pruning happens meanwhile
+            (the loss is above the pruning round's, so it is rising).
         drop_ratio: efficiency: the share ``r`` of the well-learned tasks dropped each round.
         anneal_fraction: efficiency: no dropping once ``epoch >= (1 − anneal_fraction) * max_epochs``.
 
@@ -113,7 +165,9 @@ class PruningPolicy:
     intent: Intent = "cleaning"
     stable_rounds: int = 2
     margin: float | None = 3.0
-    rollback_tolerance: float | None = 0.02
+    rollback_tolerance: float | Literal["auto"] | None = "auto"
+    rollback_sigmas: float = 3.0
+    rollback_rounds: int = 2
     drop_ratio: float = 0.5
     anneal_fraction: float = 0.125
     memory: PruningMemory = field(default_factory=PruningMemory, init=False, repr=False, compare=False)
@@ -133,12 +187,26 @@ class PruningPolicy:
             raise ValueError(f"PruningPolicy.threshold must be finite, got {self.threshold}.")
         if not isinstance(self.stable_rounds, int) or self.stable_rounds < 1:
             raise ValueError(f"stable_rounds must be an integer >= 1, got {self.stable_rounds!r}.")
-        if self.rollback_tolerance is not None and not (
-            math.isfinite(self.rollback_tolerance) and self.rollback_tolerance >= 0
+        tolerance = self.rollback_tolerance
+        if (
+            tolerance is not None
+            and tolerance != "auto"
+            and not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0)
         ):
             raise ValueError(
-                f"rollback_tolerance must be None (off) or a finite value >= 0, got {self.rollback_tolerance}."
+                "rollback_tolerance must be 'auto' (from the reference loss's noise), a finite relative value "
+                f">= 0 (e.g. 0.02) or None (off), got {tolerance!r}."
             )
+        if not (
+            isinstance(self.rollback_sigmas, (int, float))
+            and math.isfinite(self.rollback_sigmas)
+            and self.rollback_sigmas > 0
+        ):
+            raise ValueError(
+                f"rollback_sigmas must be a finite value > 0 (e.g. 3.0), got {self.rollback_sigmas!r}."
+            )
+        if not isinstance(self.rollback_rounds, int) or self.rollback_rounds < 1:
+            raise ValueError(f"rollback_rounds must be an integer >= 1, got {self.rollback_rounds!r}.")
         if self.margin is not None and not (math.isfinite(self.margin) and self.margin >= 0):
             raise ValueError(f"margin must be None (off) or a finite value >= 0, got {self.margin}.")
         if not 0.0 < self.drop_ratio < 1.0:
@@ -287,26 +355,37 @@ class PruningPolicy:
             memory.streaks.clear()  # a broken round breaks every streak
             return skip(f"{len(bad)} non-finite scores (e.g. ids {bad[:5]}); pruning nothing this round")
 
-        # rollback guard: the round after a prune checks that the reference loss did not get worse
+        # rollback guard: the rounds after a prune check that the reference loss did not get worse
         if memory.last_prune_ids and memory.last_prune_loss is not None and reference_losses:
             now, before = reference_losses[-1], memory.last_prune_loss
-            restore = self.rollback_tolerance is not None and now > before + self.rollback_tolerance * abs(
-                before
-            )
-            restored = [t for t in memory.last_prune_ids if t in pruned]
-            memory.last_prune_ids, memory.last_prune_loss = [], None
-            if restore and restored:
-                memory.protected.update(restored)
-                for t in restored:
-                    memory.streaks.pop(t, None)
-                return Decision(
-                    step,
-                    epoch,
-                    "restore",
-                    restored,
-                    f"rollback: reference loss {before:.4g} -> {now:.4g} after pruning them "
-                    f"(> {self.rollback_tolerance:.0%} worse); restored and protected from pruning",
-                )
+            tolerance = memory.last_prune_tolerance
+            if tolerance is None and self.rollback_tolerance is not None:  # memory saved before the field
+                tolerance = self._rollback_tolerance(reference_losses[:-1] or [before])
+            worse = tolerance is not None and now > before + tolerance
+            memory.rounds_worse = memory.rounds_worse + 1 if worse else 0
+            if not worse or memory.rounds_worse >= self.rollback_rounds:
+                restored = [t for t in memory.last_prune_ids if t in pruned]
+                memory.last_prune_ids, memory.last_prune_loss = [], None
+                memory.last_prune_tolerance, memory.rounds_worse = None, 0
+                if worse and restored:
+                    memory.protected.update(restored)
+                    for t in restored:
+                        memory.streaks.pop(t, None)
+                    if self.rollback_tolerance == "auto":
+                        rule = (
+                            f"{self.rollback_sigmas:g} x the round-to-round noise measured before the prune"
+                        )
+                    else:
+                        rule = f"{self.rollback_tolerance:.0%} of {before:.4g}"
+                    return Decision(
+                        step,
+                        epoch,
+                        "restore",
+                        restored,
+                        f"rollback: reference loss {before:.4g} -> {now:.4g}, above {before:.4g} + tolerance "
+                        f"{tolerance:.3g} ({rule}) for {self.rollback_rounds} round(s) after pruning them; "
+                        "restored and protected from pruning",
+                    )
 
         in_pool = torch.tensor([int(i) not in pruned for i in ids.tolist()], dtype=torch.bool)
         kept = in_pool & torch.tensor(
@@ -386,9 +465,19 @@ class PruningPolicy:
             reason += f"; precision {hits}/{len(chosen)} = {hits / len(chosen):.2f}"
         if reference_losses:
             memory.last_prune_ids, memory.last_prune_loss = list(chosen), reference_losses[-1]
+            memory.last_prune_tolerance = self._rollback_tolerance(reference_losses)
+            memory.rounds_worse = 0
         for t in chosen:
             memory.streaks.pop(t, None)
         return Decision(step, epoch, "prune", chosen, reason)
+
+    def _rollback_tolerance(self, reference_losses: list[float]) -> float | None:
+        """The absolute rise of the reference loss after this prune that brings its tasks back (None: off)."""
+        if self.rollback_tolerance is None:
+            return None
+        if self.rollback_tolerance == "auto":
+            return rollback_tolerance_of(reference_losses, self.rollback_sigmas)
+        return float(self.rollback_tolerance) * abs(reference_losses[-1])
 
     def _resample(
         self,

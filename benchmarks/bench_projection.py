@@ -12,11 +12,15 @@ real Lightning run of MAML (20% of the tasks ``shuffle_query``-corrupted, outer 
 with ``MetaInfluence(Trajectory(...), store=GradientStoreConfig(trajectory=True, ...))`` is repeated with the
 store unprojected (float32 rows) and projected by the SJLT to d = 1,024 (the default, float16), 256 and 64.
 The same seed gives the same run (checked: the callback's own unprojected scores agree across the repeats), so
-the comparison is paired. Each store is scored with :func:`~lightning_metaif.influence.tracin.store_tracin`
-against the reference gradients the callback used at each step (recorded, and projected with the run's own
-projection): plain TracIn along the path. Reported: AUROC of the corrupted tasks (lowest scores flagged) per
-run, the paired AUROC differences projected − unprojected, and the callback's default ``Trajectory`` AUROC
-(unprojected, cosine / improvement / best) for context.
+the comparison is paired. The store's rows are ``w_k √D_t g_k`` (``D_t``: the step's learning rates times
+Adam's preconditioner); each store is scored with :func:`~lightning_metaif.influence.tracin.store_tracin`
+against ``√D_t ∇f`` per step (the reference gradient the callback used at that step and the step's scaling, both
+recorded, projected with the run's own projection): plain TracIn along the path, ``Σ_t (w_k/B)⟨∇f, D_t g_k⟩``
+(checked against the same sum kept in memory, unprojected, during the run). Also against ``∇f`` alone
+("reference only": what can be scored from the store without ``D_t``, which the store does not keep).
+Reported: AUROC of the corrupted tasks (lowest scores flagged) per run, the paired AUROC differences projected −
+unprojected, and the callback's default ``Trajectory`` AUROC (unprojected, cosine / improvement / best) for
+context.
 
 Usage::
 
@@ -126,18 +130,43 @@ DETECTION_DIMS = (None, 1024, 256, 64)  # None: the store keeps the gradients un
 def _recording_trajectory():
     """``Trajectory`` that remembers the reference gradient each traced step used (to score the store)."""
     from lightning_metaif.estimators import Trajectory
+    from lightning_metaif.influence.tracin import TracInAccumulator
 
     class RecordingTrajectory(Trajectory):
+        """Also records, per traced step, the reference gradient and √D_t (the step's learning rates times
+        Adam's preconditioner), and keeps plain TracIn ``Σ_t (w_k/B)⟨∇f, D_t g_k⟩`` in memory, unprojected."""
+
         def __post_init__(self) -> None:
             super().__post_init__()
             self.references: list[torch.Tensor] = []
             self.reference_of_step: dict[int, int] = {}
+            self.root_scaling_of_step: dict[int, torch.Tensor | None] = {}
+            self.plain = TracInAccumulator(normalize="none", weighting="none", keep="all")
 
         def on_step(self, step, task_ids, gradients, **kwargs) -> None:
             if not self.references or self.references[-1] is not self._reference:
                 self.references.append(self._reference)
             self.reference_of_step[int(step)] = len(self.references) - 1
+            scaling = kwargs["scaling"]
+            self.root_scaling_of_step[int(step)] = None if scaling is None else scaling.detach().sqrt().cpu()
+            self.plain.update(
+                step,
+                1.0,
+                task_ids,
+                gradients,
+                self._reference.to(gradients),
+                batch_size=kwargs["batch_size"],
+                preconditioner=None if scaling is None else scaling.to(gradients),
+                task_weights=kwargs["task_weights"],
+            )
             super().on_step(step, task_ids, gradients, **kwargs)
+
+        def step_reference(self, step: int, preconditioned: bool = True) -> torch.Tensor:
+            """``√D_t ∇f`` (the stored rows are ``w_k √D_t g_k``: their product is plain TracIn's ``⟨∇f, D_t
+            g_k⟩``), or ``∇f`` alone (what a user without ``D_t`` can score the store with)."""
+            ref = self.references[self.reference_of_step[step]].float().cpu()
+            root = self.root_scaling_of_step[step]
+            return ref * root.float() if preconditioned and root is not None else ref
 
     return RecordingTrajectory()
 
@@ -181,14 +210,16 @@ def _offline_variants(store, estimator, ids: torch.Tensor, seed: int) -> dict:
                 store.dim, dim, seed=seed if kind == "sjlt-same-seed" else seed + 1, kind=kind.split("-")[0]
             )
         )
-        refs = torch.stack([r.float() for r in estimator.references])
+        step_list = sorted(estimator.reference_of_step)
+        refs = torch.stack([estimator.step_reference(t) for t in step_list])
         refs = refs if projection is None else projection(refs)
+        row_of = {t: i for i, t in enumerate(step_list)}
         scores = torch.zeros(len(ids), dtype=torch.float64)
         for info in store.checkpoints():
             for _, _, block, block_ids, steps, lrs in store.iter_blocks(info, columns=True):
                 rows = block.clone()
                 rows = rows.half().float() if projection is None else projection(rows)
-                which = torch.tensor([estimator.reference_of_step[int(t)] for t in steps])
+                which = torch.tensor([row_of[int(t)] for t in steps])
                 contrib = (rows * refs[which]).sum(1).double() * torch.from_numpy(lrs).double()
                 index = torch.tensor([position[int(t)] for t in block_ids])
                 scores.index_add_(0, index, contrib)
@@ -221,17 +252,25 @@ def _detection_run(splits, backbone, pool, truth, dim, seed: int, epochs: int) -
         projection = influence._projection  # the run's own projection (None: d >= p, kept unprojected)
         if dim is not None and dim < influence._layout.numel:
             assert projection is not None, "the store should project"
-        refs = [r.double() for r in estimator.references]
-        refs = [r if projection is None else projection(r[None].to(torch.float32))[0].double() for r in refs]
         store = GradientStore.open(influence._root / "store" / "rank0", readonly=True)
         ids = torch.as_tensor(truth["ids"])
-        stored = store_tracin(
-            store, lambda step: refs[estimator.reference_of_step[step]].float(), task_ids=ids
-        ).scores
+        stored, reference_only = (
+            store_tracin(
+                store,
+                lambda step, pre=pre: (lambda r: r if projection is None else projection(r[None])[0])(
+                    estimator.step_reference(step, preconditioned=pre)
+                ),
+                task_ids=ids,
+            ).scores
+            for pre in (True, False)
+        )
         store_dim, store_dtype = store.dim, str(store.dtype)
         offline = _offline_variants(store, estimator, ids, seed) if dim is None else {}
         store.close()
     result = influence.result
+    plain = estimator.plain.scores()
+    plain_of = dict(zip(plain.task_ids.tolist(), plain.scores.double().tolist()))
+    plain = torch.tensor([plain_of.get(int(t), 0.0) for t in ids], dtype=torch.float64)
     positives = torch.isin(ids, torch.as_tensor(truth["corrupted"]))
     callback_scores = result.scores[torch.searchsorted(result.task_ids, ids)].double()
     return {
@@ -239,6 +278,8 @@ def _detection_run(splits, backbone, pool, truth, dim, seed: int, epochs: int) -
         "store_dtype": store_dtype,
         "num_params": influence._layout.numel,
         "auroc_store": float(roc_auc_score(positives.numpy(), (-stored).numpy())),
+        "auroc_store_reference_only": float(roc_auc_score(positives.numpy(), (-reference_only).numpy())),
+        "store_vs_in_memory_plain_rel_diff": float((stored - plain).abs().max() / plain.abs().max()),
         "auroc_callback_default": float(roc_auc_score(positives.numpy(), (-callback_scores).numpy())),
         "offline_auroc": {
             name: float(roc_auc_score(positives.numpy(), (-v).numpy())) for name, v in offline.items()
@@ -274,6 +315,10 @@ def detection(seeds: int, num_tasks: int, epochs: int, families: list[str]) -> t
                     "p": out["num_params"],
                     "auroc": out["auroc_store"],
                     "delta_vs_unprojected": out["auroc_store"] - base["auroc_store"],
+                    "auroc_reference_only": out["auroc_store_reference_only"],
+                    "delta_reference_only": out["auroc_store_reference_only"]
+                    - base["auroc_store_reference_only"],
+                    "store_vs_in_memory_plain": out["store_vs_in_memory_plain_rel_diff"],
                     "spearman_vs_unprojected": rho,
                     "callback_default_auroc": out["auroc_callback_default"],
                     "callback_scores_max_diff": same_run,
@@ -310,6 +355,17 @@ def detection(seeds: int, num_tasks: int, epochs: int, families: list[str]) -> t
                     "mean_delta": float(deltas.mean()),
                     "worst_delta": float(deltas.min()),
                     "mean_spearman_vs_unprojected": sum(r["spearman_vs_unprojected"] for r in sub) / len(sub),
+                    **(
+                        {
+                            "mean_auroc_reference_only": sum(r["auroc_reference_only"] for r in sub)
+                            / len(sub),
+                            "mean_delta_reference_only": sum(r["delta_reference_only"] for r in sub)
+                            / len(sub),
+                            "worst_delta_reference_only": min(r["delta_reference_only"] for r in sub),
+                        }
+                        if "auroc_reference_only" in sub[0]
+                        else {}
+                    ),
                 }
             )
     return runs, summary

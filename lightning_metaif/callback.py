@@ -472,7 +472,9 @@ class MetaInfluence(Callback):
             trainer.global_step, task_ids, grads, task_weights=weights, scaling=scaling, batch_size=batch_size
         )
         if self._store is not None and self.store_config is not None and self.store_config.trajectory:
-            # rows w_k √D g_k with the step's 1/B as its "learning rate": TracIn over the store gives the plain sum
+            # rows w_k √D_t g_k with the step's 1/B as its "learning rate": scored against √D_t ∇f they sum to plain
+            # TracIn. The store does not keep D_t (Adam's per-step scaling), so a later re-scoring against an
+            # unscaled ∇f is a different, preconditioner-weighted quantity unless D_t is a constant multiple of I.
             rows = grads if scaling is None else grads * scaling.to(grads).sqrt()
             rows = rows * weights.to(rows)[:, None]
             self._store.append_step(trainer.global_step, 1.0 / batch_size, task_ids, self._project(rows))

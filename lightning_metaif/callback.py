@@ -991,4 +991,5 @@ def _sum_over_ranks(trainer: pl.Trainer, values: Tensor) -> Tensor:
     if trainer.world_size <= 1:
         return values
     gathered = trainer.strategy.all_gather(values.to(trainer.strategy.root_device))
-    return gathered.reshape(trainer.world_size, -1).sum(0).cpu().to(values.dtype)
+    # the sum keeps ``values``' shape (TraceTaskIF(curvature="fisher") sums a p x p matrix)
+    return gathered.reshape(trainer.world_size, -1).sum(0).reshape(values.shape).cpu().to(values.dtype)

@@ -20,7 +20,7 @@ from metaif_helpers import (
 
 from lightning_metaif.actions import PruningPolicy, TaskWeighting
 from lightning_metaif.callback import MetaInfluence
-from lightning_metaif.estimators import Checkpoints, TaskIF, Trajectory
+from lightning_metaif.estimators import Checkpoints, TaskIF, TraceTaskIF, Trajectory
 from lightning_metaif.influence.estimators import task_influence
 from lightning_metaif.influence.solvers import Dense
 from lightning_metaif.meta.pools import SequenceTaskPool
@@ -320,6 +320,31 @@ def test_ddp_task_seen_on_both_ranks_in_a_round_counts_once(tmp_path):
     dm1, _ = digits_setup(num_train=16, batch_size=4, task_state=single.task_state)
     trainer(tmp_path / "single", [single], max_epochs=4).fit(tiny_maml(), datamodule=dm1)
     assert ddp["rounds"] == single.rounds == 2
+    torch.testing.assert_close(
+        torch.tensor(ddp["scores"], dtype=torch.float64), single.result.scores, rtol=1e-4, atol=1e-8
+    )
+
+
+def test_ddp_fisher_trace_task_if_matches_a_single_process_run(tmp_path):
+    """TraceTaskIF(curvature="fisher") under DDP sums the p x p Fisher over ranks: in one epoch every task is traced
+    on exactly one rank, so the scores equal those of one process with the same global batches."""
+    seed_all(0)
+    out = tmp_path / "ranks"
+    out.mkdir()
+    influence = MetaInfluence(TraceTaskIF(curvature="fisher", projection_dim=64), verbose=False)
+    dm, _ = digits_setup(num_train=16, batch_size=2, task_state=influence.task_state)
+    t = trainer(
+        tmp_path / "ddp", [influence, DumpRankState(str(out))], max_epochs=1, strategy="ddp_spawn", devices=2
+    )
+    t.fit(tiny_maml(), datamodule=dm)
+    ddp = json.loads((out / "rank0.json").read_text())
+
+    seed_all(0)
+    single = MetaInfluence(TraceTaskIF(curvature="fisher", projection_dim=64), verbose=False)
+    dm1, _ = digits_setup(num_train=16, batch_size=4, task_state=single.task_state)
+    trainer(tmp_path / "single", [single], max_epochs=1).fit(tiny_maml(), datamodule=dm1)
+    assert ddp["rounds"] == single.rounds == 1
+    assert bool(torch.isfinite(single.result.scores).all())
     torch.testing.assert_close(
         torch.tensor(ddp["scores"], dtype=torch.float64), single.result.scores, rtol=1e-4, atol=1e-8
     )

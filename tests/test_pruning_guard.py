@@ -177,3 +177,29 @@ def test_pruning_the_helpful_tasks_is_rolled_back(seed):
     tolerance = _hand_tolerance(losses[: r + 1])
     assert min(losses[r + 1 : r + 3]) > losses[r] + tolerance
     assert influence.task_state.pruned == set()
+
+
+def test_no_new_prune_while_the_guard_is_still_judging_the_last_one():
+    """rollback_rounds=3: the loss stays above the pruning round's for three rounds but falls in the second
+    (so it is not "rising" round to round); no new prune may replace the one being judged, and the third round
+    brings its tasks back."""
+    policy = PruningPolicy(
+        fraction=0.4, warmup_rounds=0, max_fraction_per_round=0.2, stable_rounds=1, margin=None, rollback_rounds=3
+    )
+    scores = torch.ones(10)
+    scores[:2], scores[2:4] = -5.0, -4.0
+
+    def decide(losses, pruned):
+        return policy.decide(
+            torch.arange(10), scores, set(pruned), round_index=len(losses), reference_losses=losses
+        )
+
+    assert decide(BEFORE, set()).task_ids == [0, 1]
+    losses = list(BEFORE)
+    for value in (1.30, 1.20):  # both above 0.93 + 0.077; the second below the first
+        losses.append(value)
+        assert decide(losses, {0, 1}).action == "skip"
+    assert policy.memory.last_prune_ids == [0, 1]
+    losses.append(1.15)
+    restored = decide(losses, {0, 1})
+    assert restored.action == "restore" and restored.task_ids == [0, 1] and "for 3 round(s)" in restored.reason

@@ -422,6 +422,11 @@ class PruningPolicy:
                 f"reference loss rising ({reference_losses[-2]:.4g} -> {reference_losses[-1]:.4g}): "
                 "pruning nothing this round"
             )
+        if memory.rounds_worse:  # the guard is still judging the last prune: no new prune may replace it
+            return skip(
+                f"rollback guard: reference loss above the last prune's for {memory.rounds_worse} of "
+                f"{self.rollback_rounds} round(s); pruning nothing until that prune is judged"
+            )
         budget_total = pool_size if self.fraction is None else int(math.floor(self.fraction * pool_size))
         budget = min(
             budget_total - len(pruned),

@@ -184,7 +184,12 @@ def test_no_new_prune_while_the_guard_is_still_judging_the_last_one():
     (so it is not "rising" round to round); no new prune may replace the one being judged, and the third round
     brings its tasks back."""
     policy = PruningPolicy(
-        fraction=0.4, warmup_rounds=0, max_fraction_per_round=0.2, stable_rounds=1, margin=None, rollback_rounds=3
+        fraction=0.4,
+        warmup_rounds=0,
+        max_fraction_per_round=0.2,
+        stable_rounds=1,
+        margin=None,
+        rollback_rounds=3,
     )
     scores = torch.ones(10)
     scores[:2], scores[2:4] = -5.0, -4.0
@@ -202,4 +207,6 @@ def test_no_new_prune_while_the_guard_is_still_judging_the_last_one():
     assert policy.memory.last_prune_ids == [0, 1]
     losses.append(1.15)
     restored = decide(losses, {0, 1})
-    assert restored.action == "restore" and restored.task_ids == [0, 1] and "for 3 round(s)" in restored.reason
+    assert (
+        restored.action == "restore" and restored.task_ids == [0, 1] and "for 3 round(s)" in restored.reason
+    )

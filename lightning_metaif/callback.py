@@ -773,8 +773,8 @@ class MetaInfluence(Callback):
         metrics["influence/round"] = float(self.rounds)
         if can_log:
             # into trainer.callback_metrics on every rank (equal on every rank by construction), so that
-            # ModelCheckpoint / EarlyStopping can monitor them; written directly: `pl_module.log_dict` of ~30
-            # scalars cost ~10-30 ms per round in Lightning's result bookkeeping (bench_overhead.py)
+            # ModelCheckpoint / EarlyStopping can monitor them; written directly, without `pl_module.log_dict`'s
+            # per-scalar result bookkeeping in Lightning
             trainer.callback_metrics.update(
                 {k: torch.tensor(v, dtype=torch.float32) for k, v in metrics.items()}
             )

@@ -153,8 +153,8 @@ def per_task_gradients(
 
     def loop_chunk(chunk: Sequence[Any], chunk_ids: Tensor) -> tuple[Tensor, Tensor]:
         # Each task gets its own leaves (views of the same values), so ONE backward of the summed losses gives
-        # every task's own gradient: one autograd engine call per chunk instead of one per task (as fast as a
-        # hand-written loop that backpropagates the summed meta-loss), the same numbers.
+        # every task's own gradient: one autograd engine call per chunk instead of one per task (as a hand-written
+        # loop that backpropagates the summed meta-loss does), the same numbers.
         owned, losses = [], []
         for task, task_id in zip(chunk, chunk_ids.tolist()):
             own = {k: v.detach().requires_grad_(True) for k, v in leaves.items()}

@@ -199,3 +199,15 @@ def test_queued_steps_fold_into_the_same_totals_as_per_step_updates(normalize, w
     torch.testing.assert_close(a.self_influence, b.self_influence, rtol=1e-12, atol=0)
     assert a.diagnostics["counts"].tolist() == b.diagnostics["counts"].tolist()
     assert eager.state_dict()["steps"] == queued.state_dict()["steps"] == 12
+
+
+def test_queued_steps_keep_the_weights_of_their_step_when_the_caller_reuses_its_buffer():
+    """A queued step must not alias the caller's ``task_weights`` (a module may refill one float64 buffer each
+    step): the totals are those of the weights the step was given."""
+    grads, ref = torch.tensor([[1.0, 2.0], [3.0, -1.0]]), torch.tensor([0.5, 1.0])
+    buffer = torch.tensor([1.0, 0.25], dtype=torch.float64)
+    queued = TracInAccumulator(normalize="none", weighting="none", keep="all")
+    queued.update(0, 0.1, [0, 1], grads, ref, task_weights=buffer, return_contributions=False)
+    buffer.fill_(7.0)  # the caller's next step
+    expected = 0.1 / 2 * torch.tensor([1.0, 0.25], dtype=torch.float64) * (grads @ ref).double()
+    torch.testing.assert_close(queued.scores().scores, expected, rtol=1e-12, atol=0)

@@ -283,7 +283,8 @@ class TracInAccumulator:
             direction = grads * pre
         weights = None
         if task_weights is not None:
-            weights = torch.as_tensor(task_weights).detach().to("cpu", torch.float64).reshape(-1)
+            # a copy: the step is queued until the round, the caller may reuse its buffer meanwhile
+            weights = torch.as_tensor(task_weights).detach().to("cpu", torch.float64, copy=True).reshape(-1)
             if weights.numel() != grads.shape[0] or not all(map(math.isfinite, weights.tolist())):
                 raise ValueError(
                     f"task_weights must hold {grads.shape[0]} finite weights, one per gradient row."

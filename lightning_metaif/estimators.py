@@ -572,7 +572,8 @@ class TraceTaskIF(RoundEstimator):
     themselves, ``F = (1/n) Σ_k w_k g_k g_kᵀ`` (:func:`~lightning_metaif.influence.fisher.fisher_direction`):
     the solve is then exact (a Cholesky factorisation of an ``n × n`` or ``p × p`` matrix, no iterations) and a
     round costs one reference gradient and one product of the traced rows, at the price of an approximation of
-    the total Hessian (``hessian_tasks``, ``solver`` and ``l2`` do not apply; BENCHMARKS.md §9 compares both).
+    the total Hessian (``hessian_tasks`` does not apply, and a ``solver`` or ``l2`` other than the defaults is
+    refused with an error; BENCHMARKS.md §9 compares both).
 
     Args:
         hessian_tasks: tasks in the curvature's subsample (``None``: every kept task).
@@ -609,6 +610,17 @@ class TraceTaskIF(RoundEstimator):
             raise ValueError(
                 f"TraceTaskIF(projection_dim={self.projection_dim!r}) must be a positive integer or None."
             )
+        if self.curvature == "fisher":  # solved exactly from the traced rows: no solver, no l2 to apply
+            if self.l2 != 0.0:
+                raise ValueError(
+                    f"TraceTaskIF(curvature='fisher', l2={self.l2!r}): l2 does not apply to the empirical Fisher; "
+                    "regularise it with damping= (a number, or None for the automatic value)."
+                )
+            if self.solver != CG(tolerance=1e-3):
+                raise ValueError(
+                    f"TraceTaskIF(curvature='fisher', solver={self.solver!r}): the empirical Fisher is solved "
+                    "exactly (Woodbury or Cholesky), no solver applies; drop solver= or choose another curvature."
+                )
         self._rows: Tensor | None = None
         self._has_row: Tensor | None = None
         self._row_step: Tensor | None = None

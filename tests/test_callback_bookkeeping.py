@@ -486,6 +486,11 @@ def test_settings_that_cannot_apply_are_refused(tmp_path):
         TraceTaskIF(damping=float("nan"))
     with pytest.raises(ValueError, match=r"TaskIF\(curvature='gauss-newton'\)"):
         TaskIF(curvature="gauss-newton")
+    with pytest.raises(ValueError, match=r"TraceTaskIF\(curvature='fisher', l2=0.1\): l2 does not apply"):
+        TraceTaskIF(curvature="fisher", l2=0.1)
+    with pytest.raises(ValueError, match=r"TraceTaskIF\(curvature='fisher', solver='lissa'\)"):
+        TraceTaskIF(curvature="fisher", solver="lissa")
+    assert TraceTaskIF(curvature="fisher", damping=0.01, projection_dim=64).curvature == "fisher"
     from metaif_helpers import HigherUserModule
 
     module = HigherUserModule()  # reads no task_weight_table

@@ -225,3 +225,14 @@ def test_sjlt_sparse_product_equals_its_scatter_adds():
     projection._sparse_matrix = lambda device: None  # force the fallback
     torch.testing.assert_close(fast, projection(x), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fast, x @ projection.matrix().T, rtol=1e-5, atol=1e-5)
+
+
+def test_sjlt_on_a_device_dtype_without_csr_product_falls_back_once():
+    """float16 on a CPU has no CSR product: the projection uses the scatter-adds with the same numbers as float32
+    and does not rebuild the sparse matrix on every call to find that out again."""
+    x = torch.randn(5, 600, generator=torch.Generator().manual_seed(1))
+    half = RandomProjection(600, 64, seed=2, kind="sjlt", dtype=torch.float16)
+    reference = RandomProjection(600, 64, seed=2, kind="sjlt")(x)
+    for _ in range(2):
+        torch.testing.assert_close(half(x).float(), reference, rtol=0.02, atol=0.02)
+        assert half._no_csr == {torch.device("cpu")} and half._csr is None

@@ -114,6 +114,7 @@ class RandomProjection:
         self.nonzeros = min(_check_int("nonzeros", nonzeros, 1), self.out_dim)
         self._sparse: tuple[Tensor, Tensor] | None = None
         self._csr: Tensor | None = None
+        self._no_csr: set[torch.device] = set()  # devices (in this dtype) without a CSR product: not tried again
         self.chunk_rows = max(1, _CHUNK_ELEMENTS // self.out_dim)
         self.num_chunks = math.ceil(self.in_dim / self.chunk_rows)
         self.peak_block_elements = 0  # the most entries of P held at once by a call (diagnostics)
@@ -190,6 +191,8 @@ class RandomProjection:
         CSR product). Each output row's entries are in coordinate order, as the scatter-adds add them."""
         if self._csr is not None and self._csr.device == device:
             return self._csr
+        if device in self._no_csr:
+            return None
         indices, values = self._sparse_all()
         columns = torch.arange(self.in_dim).repeat_interleave(self.nonzeros)
         try:
@@ -204,6 +207,7 @@ class RandomProjection:
                 self._csr @ torch.zeros(self.in_dim, 1, dtype=self.dtype, device=device)  # supported here?
         except (RuntimeError, NotImplementedError):
             self._csr = None
+            self._no_csr.add(device)
         return self._csr
 
     def _apply_sparse(self, rows: Tensor) -> Tensor:

@@ -114,7 +114,9 @@ class RandomProjection:
         self.nonzeros = min(_check_int("nonzeros", nonzeros, 1), self.out_dim)
         self._sparse: tuple[Tensor, Tensor] | None = None
         self._csr: Tensor | None = None
-        self._no_csr: set[torch.device] = set()  # devices (in this dtype) without a CSR product: not tried again
+        self._no_csr: set[torch.device] = (
+            set()
+        )  # devices (in this dtype) without a CSR product: not tried again
         self.chunk_rows = max(1, _CHUNK_ELEMENTS // self.out_dim)
         self.num_chunks = math.ceil(self.in_dim / self.chunk_rows)
         self.peak_block_elements = 0  # the most entries of P held at once by a call (diagnostics)

@@ -210,3 +210,13 @@ def test_no_new_prune_while_the_guard_is_still_judging_the_last_one():
     assert (
         restored.action == "restore" and restored.task_ids == [0, 1] and "for 3 round(s)" in restored.reason
     )
+
+
+def test_auto_tolerance_refuses_non_finite_losses_and_bad_sigmas():
+    """A NaN loss would make the tolerance NaN and silently switch the guard off: refused with a clear error."""
+    with pytest.raises(ValueError, match="finite reference losses"):
+        rollback_tolerance_of([1.2, float("nan"), 1.0])
+    with pytest.raises(ValueError, match=r"sigmas=-1\.0"):
+        rollback_tolerance_of([1.2, 1.1, 1.0], sigmas=-1.0)
+    with pytest.raises(ValueError, match="at least one"):
+        rollback_tolerance_of([])

@@ -56,6 +56,12 @@ def rollback_tolerance_of(reference_losses: Sequence[float], sigmas: float = 3.0
     losses = [float(x) for x in reference_losses]
     if not losses:
         raise ValueError("rollback_tolerance_of needs at least one reference loss.")
+    if not all(math.isfinite(x) for x in losses):
+        raise ValueError(
+            f"rollback_tolerance_of needs finite reference losses, got {losses[-3:]} (last three)."
+        )
+    if not (isinstance(sigmas, (int, float)) and math.isfinite(sigmas) and sigmas > 0):
+        raise ValueError(f"rollback_tolerance_of(sigmas={sigmas!r}) must be a finite value > 0 (e.g. 3.0).")
     floor = ROLLBACK_FLOOR * abs(losses[-1])
     if len(losses) == 1:
         return ROLLBACK_UNMEASURED * abs(losses[-1])

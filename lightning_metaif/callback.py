@@ -617,6 +617,9 @@ class MetaInfluence(Callback):
             sum_over_processes=(
                 None if trainer is None or trainer.world_size <= 1 else partial(_sum_over_ranks, trainer)
             ),
+            newest_over_processes=(
+                None if trainer is None or trainer.world_size <= 1 else partial(_holds_newest, trainer)
+            ),
         )
 
     def _run_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, can_log: bool) -> None:
@@ -979,12 +982,22 @@ def _newest_over_ranks(trainer: pl.Trainer, recency: Tensor, *values: Tensor) ->
         return values
     device = trainer.strategy.root_device
     gathered = [
-        trainer.strategy.all_gather(v.to(device)).reshape(trainer.world_size, -1).cpu()
-        for v in (recency, *values)
+        trainer.strategy.all_gather(v.to(device)).reshape(trainer.world_size, -1).cpu() for v in values
     ]
-    best = gathered[0].argmax(0)
+    best = _newest_rank(trainer, recency)
     columns = torch.arange(best.numel())
-    return tuple(g[best, columns].to(v.dtype) for g, v in zip(gathered[1:], values))
+    return tuple(g[best, columns].to(v.dtype) for g, v in zip(gathered, values))
+
+
+def _newest_rank(trainer: pl.Trainer, recency: Tensor) -> Tensor:
+    """Per position, the rank whose ``recency`` is the highest (ties: the lowest rank; argmax takes the first)."""
+    gathered = trainer.strategy.all_gather(recency.to(trainer.strategy.root_device))
+    return gathered.reshape(trainer.world_size, -1).argmax(0).cpu()
+
+
+def _holds_newest(trainer: pl.Trainer, recency: Tensor) -> Tensor:
+    """Per position, True where this rank's data are the newest over all ranks (-1 = no data here)."""
+    return (_newest_rank(trainer, recency) == trainer.global_rank) & (recency >= 0)
 
 
 def _sum_over_ranks(trainer: pl.Trainer, values: Tensor) -> Tensor:

@@ -100,6 +100,9 @@ class RoundContext:
         0  # kept (unpruned) tasks: M of the training objective (objective_positions may be a sample)
     )
     sum_over_processes: Callable[[Tensor], Tensor] | None = None  # None = one process; else an all-reduce sum
+    # None = one process; else, given each pool position's recency on this process (-1 = no data), the mask of
+    # positions whose newest data over all processes are this process's (ties: the lowest rank)
+    newest_over_processes: Callable[[Tensor], Tensor] | None = None
 
     @property
     def reference_tasks(self) -> Any:
@@ -697,6 +700,12 @@ class TraceTaskIF(RoundEstimator):
         objective = ctx.objective_positions
         mine = objective[self._has_row[objective]]
         weights = ctx.objective_weights[_index_in(objective, mine)]
+        # the curvature counts each task once: under DDP a task may also hold an older row on another process
+        in_curvature = torch.ones(len(mine), dtype=torch.bool)
+        if ctx.newest_over_processes is not None:
+            recency = torch.full((len(self._position_of),), -1.0, dtype=torch.float64)
+            recency[mine] = self._row_step[mine].double()
+            in_curvature = ctx.newest_over_processes(recency)[mine]
         gradient, value = _reference(ctx)
         reference = gradient.to("cpu", torch.float32)
         if self._projection is not None:
@@ -706,9 +715,9 @@ class TraceTaskIF(RoundEstimator):
             self.on_error,
             ctx.round_index,
             lambda: fisher_direction(
-                self._rows[mine],
+                self._rows[mine[in_curvature]],
                 reference,
-                weights=weights,
+                weights=weights[in_curvature],
                 damping="auto" if self.damping is None else self.damping,
                 sum_over_processes=ctx.sum_over_processes,
             ),

@@ -325,24 +325,34 @@ def test_ddp_task_seen_on_both_ranks_in_a_round_counts_once(tmp_path):
     )
 
 
-def test_ddp_fisher_trace_task_if_matches_a_single_process_run(tmp_path):
-    """TraceTaskIF(curvature="fisher") under DDP sums the p x p Fisher over ranks: in one epoch every task is traced
-    on exactly one rank, so the scores equal those of one process with the same global batches."""
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_ddp_fisher_trace_task_if_matches_a_single_process_run(tmp_path, epochs):
+    """TraceTaskIF(curvature="fisher") under DDP sums the p x p Fisher over ranks, each task once: with a round of
+    two epochs a task may hold a row on both ranks (an older one where it was drawn first); only the newest
+    counts, as in one process with the same global batches (where the newer row replaces the older)."""
     seed_all(0)
     out = tmp_path / "ranks"
     out.mkdir()
-    influence = MetaInfluence(TraceTaskIF(curvature="fisher", projection_dim=64), verbose=False)
+    influence = MetaInfluence(
+        TraceTaskIF(curvature="fisher", projection_dim=64), every_n_epochs=epochs, verbose=False
+    )
     dm, _ = digits_setup(num_train=16, batch_size=2, task_state=influence.task_state)
     t = trainer(
-        tmp_path / "ddp", [influence, DumpRankState(str(out))], max_epochs=1, strategy="ddp_spawn", devices=2
+        tmp_path / "ddp",
+        [influence, DumpRankState(str(out))],
+        max_epochs=epochs,
+        strategy="ddp_spawn",
+        devices=2,
     )
     t.fit(tiny_maml(), datamodule=dm)
     ddp = json.loads((out / "rank0.json").read_text())
 
     seed_all(0)
-    single = MetaInfluence(TraceTaskIF(curvature="fisher", projection_dim=64), verbose=False)
+    single = MetaInfluence(
+        TraceTaskIF(curvature="fisher", projection_dim=64), every_n_epochs=epochs, verbose=False
+    )
     dm1, _ = digits_setup(num_train=16, batch_size=4, task_state=single.task_state)
-    trainer(tmp_path / "single", [single], max_epochs=1).fit(tiny_maml(), datamodule=dm1)
+    trainer(tmp_path / "single", [single], max_epochs=epochs).fit(tiny_maml(), datamodule=dm1)
     assert ddp["rounds"] == single.rounds == 1
     assert bool(torch.isfinite(single.result.scores).all())
     torch.testing.assert_close(

@@ -220,3 +220,10 @@ def test_auto_tolerance_refuses_non_finite_losses_and_bad_sigmas():
         rollback_tolerance_of([1.2, 1.1, 1.0], sigmas=-1.0)
     with pytest.raises(ValueError, match="at least one"):
         rollback_tolerance_of([])
+
+
+def test_rollback_tolerance_true_is_refused_not_read_as_100_percent():
+    from lightning_metaif import PruningPolicy
+
+    with pytest.raises(ValueError, match="rollback_tolerance must be 'auto'"):
+        PruningPolicy(rollback_tolerance=True)

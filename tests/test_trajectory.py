@@ -211,3 +211,8 @@ def test_queued_steps_keep_the_weights_of_their_step_when_the_caller_reuses_its_
     buffer.fill_(7.0)  # the caller's next step
     expected = 0.1 / 2 * torch.tensor([1.0, 0.25], dtype=torch.float64) * (grads @ ref).double()
     torch.testing.assert_close(queued.scores().scores, expected, rtol=1e-12, atol=0)
+
+
+def test_non_integer_task_ids_are_refused():
+    with pytest.raises(ValueError, match="task_ids must be integers"):
+        TracInAccumulator().update(0, 0.1, torch.tensor([3.5]), torch.ones(1, 2), torch.ones(2))

@@ -197,7 +197,12 @@ class PruningPolicy:
         if (
             tolerance is not None
             and tolerance != "auto"
-            and not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0)
+            and not (
+                isinstance(tolerance, (int, float))
+                and not isinstance(tolerance, bool)
+                and math.isfinite(tolerance)
+                and tolerance >= 0
+            )
         ):
             raise ValueError(
                 "rollback_tolerance must be 'auto' (from the reference loss's noise), a finite relative value "

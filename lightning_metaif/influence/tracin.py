@@ -220,7 +220,12 @@ class TracInAccumulator:
         """Row of each id (new ids get the next rows; the arrays grow when the queued steps are folded in)."""
         index = self._index
         rows = []
-        for k in torch.as_tensor(task_ids).reshape(-1).tolist():
+        ids = torch.as_tensor(task_ids)
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(
+                f"task_ids must be integers, got a {ids.dtype} tensor: {ids.reshape(-1)[:4].tolist()}."
+            )
+        for k in ids.reshape(-1).tolist():
             row = index.get(k)
             if row is None:
                 row = index[k] = len(index)

@@ -49,15 +49,28 @@ def timeit(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Time each function ``repeats`` times, interleaving them (A B C A B C ...) so load drifts hit all alike."""
+def interleaved(
+    fns: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 1,
+    cpu_times: dict[str, list[float]] | None = None,
+) -> dict[str, list[float]]:
+    """Time each function ``repeats`` times, interleaving them (A B C A B C ...) so load drifts hit all alike.
+
+    Returns wall-clock seconds; with ``cpu_times`` (a dict to fill) also the process's CPU seconds of each call
+    (``time.process_time``, all threads): on a shared, overloaded machine the process gets a varying share of a
+    core, which moves wall-clock times by 2x and more, while its CPU time stays close to the work done.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            cpu = time.process_time()
             times[name].append(timeit(fn))
+            if cpu_times is not None:
+                cpu_times.setdefault(name, []).append(time.process_time() - cpu)
     return times
 
 

@@ -20,6 +20,7 @@ Usage::
     python benchmarks/bench_overhead.py          # 200 tasks, 3 epochs, 3 pairs per mode
     python benchmarks/bench_overhead.py --full   # 1000 tasks, 5 epochs, 5 pairs per mode
     python benchmarks/bench_overhead.py --suite [--full]  # issue 12's rows, both modules, one run
+    python benchmarks/bench_overhead.py --breakdown   # the time inside the callback's functions
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import argparse
 import os
 import shutil
 import tempfile
+import time
 
 import _common as C
 import lightning.pytorch as pl
@@ -201,15 +203,17 @@ def suite_run(splits, args, module: str, mode: str | None, store: str, workdir: 
         model = MAML(backbone(args.backbone), inner_lr=0.5, outer_lr=5e-3, num_ways=5)
     else:
         model = UserMetaModule(reports=module == "user", kind=args.backbone)
+    cpu = time.process_time()
     trainer, seconds = C.fit_quietly(
         model, dm, max_epochs=args.epochs, callbacks=callbacks, default_root_dir=workdir
     )
-    out = {"seconds": seconds, "steps": trainer.global_step}
+    out = {"seconds": seconds, "cpu_seconds": time.process_time() - cpu, "steps": trainer.global_step}
     if influence is not None:
         out.update(
             rounds=influence.rounds,
             trace_seconds=influence.timings["trace_seconds"],
             round_seconds=influence.timings["round_seconds"],
+            setup_seconds=influence.timings.get("setup_seconds", float("nan")),
             store_bytes=dir_size(os.path.join(workdir, "metaif", "store")),
         )
     return out
@@ -238,6 +242,7 @@ def suite(args, splits, env, name: str) -> None:
             continue
         base, runs = raw[f"{m}|None|off"], raw[f"{m}|{e}|{s}"]
         ratios = [r["seconds"] / b["seconds"] for r, b in zip(runs, base)]
+        cpu_ratios = [r["cpu_seconds"] / b["cpu_seconds"] for r, b in zip(runs, base)]
         steps = runs[0]["steps"]
         tracing = [(r["seconds"] - r["round_seconds"]) / b["seconds"] for r, b in zip(runs, base)]
         rows.append(
@@ -250,6 +255,26 @@ def suite(args, splits, env, name: str) -> None:
                 "ratio": C.median(ratios),
                 "ratio_min": min(ratios),
                 "ratio_without_rounds": C.median(tracing),
+                "cpu_ratio": C.median(cpu_ratios),
+                # the callback's own seconds on the training thread against the rest of the same run: no
+                # difference of two noisy runs (what the ratio would be if nothing else moved)
+                "attributed_ratio": C.median(
+                    [
+                        r["seconds"]
+                        / (
+                            r["seconds"]
+                            - r["trace_seconds"]
+                            - r["round_seconds"]
+                            - r.get("setup_seconds", 0.0)
+                        )
+                        for r in runs
+                    ]
+                ),
+                "attributed_tracing_ratio": C.median(
+                    [r["seconds"] / (r["seconds"] - r["trace_seconds"]) for r in runs]
+                ),
+                "setup_s": C.median([r.get("setup_seconds", float("nan")) for r in runs]),
+                "cpu_ratio_min": min(cpu_ratios),
                 "rounds": runs[0]["rounds"],
                 "per_round_s": C.median([r["round_seconds"] / max(1, r["rounds"]) for r in runs]),
                 "trace_ms_per_step": C.median([1000 * r["trace_seconds"] / max(1, steps) for r in runs]),
@@ -263,6 +288,75 @@ def suite(args, splits, env, name: str) -> None:
     )
     print(C.table(rows))
     C.save(name, {"environment": env, "config": vars(args), "loads": loads, "rows": rows, "raw": raw})
+
+
+BREAKDOWN = (  # (module, attribute path) of the functions timed by --breakdown; missing ones are skipped
+    ("lightning_metaif.callback", "MetaInfluence.on_train_start"),
+    ("lightning_metaif.callback", "MetaInfluence.on_train_batch_end"),
+    ("lightning_metaif.callback", "MetaInfluence._trace_step"),
+    ("lightning_metaif.callback", "MetaInfluence._scaling"),
+    ("lightning_metaif.estimators", "Trajectory.on_step"),
+    ("lightning_metaif.influence.tracin", "TracInAccumulator.update"),
+    ("lightning_metaif.influence.projection", "RandomProjection.__call__"),
+    ("lightning_metaif.influence.store.store", "GradientStore.append_step"),
+    ("lightning_metaif.influence.store.store", "GradientStore.flush"),
+    ("lightning_metaif.callback", "MetaInfluence._run_round"),
+    ("lightning_metaif.estimators", "_reference"),
+    ("lightning_metaif.callback", "MetaInfluence._make_round"),
+    ("lightning_metaif.callback", "MetaInfluence._publish"),
+    ("lightning.pytorch.core.module", "LightningModule.log_dict"),
+    ("lightning_metaif.dashboards.files", "RoundFileWriter.write"),
+)
+
+
+def breakdown(args, splits, env, name: str) -> None:
+    """Where the callback's time goes: wall seconds inside each function of BREAKDOWN, per call and per run
+    (MAML, trajectory with the per-step store, the suite's configuration), for this checkout's code."""
+    import collections
+    import functools
+    import importlib
+
+    spent: dict[str, float] = collections.defaultdict(float)
+    calls: collections.Counter = collections.Counter()
+    for module_name, path in BREAKDOWN:
+        owner = importlib.import_module(module_name)
+        *parents, attribute = path.split(".")
+        for parent in parents:
+            owner = getattr(owner, parent, None)
+        if owner is None or not hasattr(owner, attribute):
+            continue
+        original = getattr(owner, attribute)
+
+        def timed(*a, __original=original, __path=path, **k):
+            start = time.perf_counter()
+            try:
+                return __original(*a, **k)
+            finally:
+                spent[__path] += time.perf_counter() - start
+                calls[__path] += 1
+
+        setattr(owner, attribute, functools.wraps(original)(timed))
+    tmp = tempfile.mkdtemp(prefix="bench_overhead_")
+    try:
+        suite_run(splits, args, "maml", "trajectory", "per-step", os.path.join(tmp, "warm"))
+        spent.clear()
+        calls.clear()
+        for rep in range(args.pairs):
+            suite_run(splits, args, "maml", "trajectory", "per-step", os.path.join(tmp, str(rep)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = [
+        {
+            "function": path,
+            "ms_per_run": 1000 * spent[path] / args.pairs,
+            "ms_per_call": 1000 * spent[path] / calls[path],
+            "calls_per_run": calls[path] / args.pairs,
+        }
+        for path in sorted(spent, key=spent.__getitem__, reverse=True)
+    ]
+    print(f"\nWhere the callback's time goes ({args.pairs} runs, load {C.load()}):")
+    print(C.table(rows))
+    C.save(name, {"environment": env, "config": vars(args), "rows": rows})
 
 
 def main() -> None:
@@ -282,6 +376,11 @@ def main() -> None:
     parser.add_argument(
         "--suite", action="store_true", help="issue 12's rows: both modules, all stores, one run"
     )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="time inside the callback's functions (trajectory, per-step store)",
+    )
     parser.add_argument("--backbone", default="mlp", choices=("mlp", "convnet"), help="--suite's backbone")
     parser.add_argument("--pairs", type=int, default=None, help="repetitions (default 3, --full 5)")
     args = parser.parse_args()
@@ -295,6 +394,9 @@ def main() -> None:
     splits = digits_splits(num_train_tasks=args.pool, num_val_tasks=20, num_test_tasks=10, seed=0)
     if args.suite:
         suite(args, splits, env, name.replace("bench_overhead", "bench_overhead_suite"))
+        return
+    if args.breakdown:
+        breakdown(args, splits, env, name.replace("bench_overhead", "bench_overhead_breakdown"))
         return
     num_params = sum(p.numel() for p in small_mlp().parameters())
     rows, raw = [], {}

@@ -251,9 +251,21 @@ def row_5(args) -> dict:
     outs = {k: f().cpu() for k, f in fns.items()}
     ref = outs["hand-written autograd loop"]
     errors = {k: float((v - ref).abs().max() / ref.abs().max()) for k, v in outs.items()}
-    times = C.interleaved(fns, repeats=args.repeats, warmup=1)
+    cpu: dict[str, list[float]] = {}
+    times = C.interleaved(fns, repeats=args.repeats, warmup=1, cpu_times=cpu)
     title = f"(5) MAML meta-step, ConvNet (hidden {args.hidden}), 16 tasks 5-way 1-shot"
-    return summarize(title, times, "hand-written autograd loop", errors)
+    out = summarize(title, times, "hand-written autograd loop", errors)
+    # CPU seconds of the process: robust to the share of a core a loaded machine gives it
+    floor = C.median(cpu["hand-written autograd loop"])
+    out["cpu_s"] = cpu
+    out["cpu_ratio_vs_floor"] = {k: C.median(v) / floor for k, v in cpu.items()}
+    out["cpu_ratio_paired"] = {
+        k: C.median([a / b for a, b in zip(v, cpu["hand-written autograd loop"])]) for k, v in cpu.items()
+    }
+    print(
+        "CPU-time ratios (medians; paired):", out["cpu_ratio_vs_floor"], out["cpu_ratio_paired"], flush=True
+    )
+    return out
 
 
 def summarize(title: str, times: dict, floor: str, errors: dict) -> dict:

@@ -11,8 +11,8 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ if not logging.getLogger().hasHandlers() and not _round_log.handlers:
     _round_log.addHandler(logging.StreamHandler())
     _round_log.propagate = False
 
+AUTO_CHUNK_BYTES = 16 << 20  # chunk_size=None: one chunk's float32 per-task gradients within 16 MiB
 PROJECTION_CACHE_ELEMENTS = 1 << 25  # keep P in memory up to 128 MB (float32); larger ones are regenerated
 
 __all__ = ["MetaInfluence", "ReportsTaskGradients"]
@@ -108,7 +109,10 @@ class MetaInfluence(Callback):
         ground_truth: known-corrupted task ids (demos, benchmarks): adds detection AUROC, recall@k and
             pruning precision to the metrics.
         seed: seed of the projection, the task sampling and the ensemble noise.
-        chunk_size: tasks per vmapped engine call.
+        chunk_size: tasks per vmapped engine call; ``None`` (default): as many as keep one chunk's per-task
+            gradients within 16 MiB (float32), between 16 and 256 (a 2,245-parameter MLP: 256; a 1M-parameter
+            ConvNet: 16). Larger chunks make a round's pass over the pool several times cheaper for small
+            models (one ``vmap`` call per chunk).
         vectorize: ``"auto"`` tries ``torch.func.vmap`` over the tasks and falls back to a per-task loop (with a
             warning) when the module's ``task_loss`` cannot be vmapped; ``"vmap"`` or ``"loop"`` force one path.
         dashboard_every_n_rounds: with a ``WandbLogger``, log the tables and charts (each a W&B artifact) every
@@ -143,7 +147,7 @@ class MetaInfluence(Callback):
         samples: SampleInfluence | None = None,
         ground_truth: Iterable[int] | Tensor | None = None,
         seed: int = 0,
-        chunk_size: int = 16,
+        chunk_size: int | None = None,
         vectorize: str = "auto",
         dashboard_every_n_rounds: int = 1,
         verbose: bool = True,
@@ -189,8 +193,12 @@ class MetaInfluence(Callback):
             )
         if vectorize not in ("auto", "vmap", "loop"):
             raise ValueError(f"vectorize must be 'auto', 'vmap' or 'loop', got {vectorize!r}.")
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+        if chunk_size is not None and (
+            not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+        ):
+            raise ValueError(
+                f"chunk_size must be a positive integer or None (automatic), got {chunk_size!r}."
+            )
         if reference is not None:
             reference = _check_reference(reference)
         self.reference, self.utility, self.pool = reference, utility, pool
@@ -207,7 +215,9 @@ class MetaInfluence(Callback):
         self.history: list[dict[str, float]] = []
         self.decisions: list[Decision] = []
         self.rounds = 0
-        self.timings: dict[str, float] = {"trace_seconds": 0.0, "round_seconds": 0.0}
+        # seconds on the training thread: per-step tracing, scoring rounds, and set-up / tear-down (fit start and
+        # end, rounds excluded): what the callback adds to a run, measured inside it (bench_overhead.py)
+        self.timings: dict[str, float] = {"trace_seconds": 0.0, "round_seconds": 0.0, "setup_seconds": 0.0}
         self._totals = ScoreTotals(self.estimator.over_rounds)
         self._pool_ids: Tensor | None = None
         self._position_of: dict[int, int] = {}
@@ -228,8 +238,6 @@ class MetaInfluence(Callback):
         self.rolled_back: list[str] = []
         self._log_dir: str | None = None
         self._writer: Any = None
-        self._files_thread: ThreadPoolExecutor | None = None
-        self._files_jobs: list[Future] = []
         self._dashboards: dict[int, Any] = {}
         self._reference_tasks: Any = None
         self._pool_facts: tuple[list[list[int]] | None, Tensor | None] | None = None  # (classes, corrupted)
@@ -259,9 +267,23 @@ class MetaInfluence(Callback):
 
     # ------------------------------------------------------------------ set-up ------------------------------
 
+    @contextmanager
+    def _setup_time(self) -> Iterator[None]:
+        """Add the time of the block, less the rounds it ran, to ``timings["setup_seconds"]``."""
+        start, rounds = time.perf_counter(), self.timings["round_seconds"]
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start - (self.timings["round_seconds"] - rounds)
+            self.timings["setup_seconds"] = self.timings.get("setup_seconds", 0.0) + spent
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        with self._setup_time():
+            self._setup(trainer, pl_module)
+
+    def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not callable(getattr(pl_module, "task_loss", None)):
             raise ValueError(
                 f"{type(pl_module).__name__} has no `task_loss(params, task, support_weights=None, "
@@ -317,6 +339,10 @@ class MetaInfluence(Callback):
         return candidate
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        with self._setup_time():
+            self._train_start(trainer, pl_module)
+
+    def _train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pool = self.pool
         if pool is None:
             pool = getattr(getattr(trainer, "datamodule", None), "train_pool", None)
@@ -487,6 +513,10 @@ class MetaInfluence(Callback):
             self._run_round(trainer, pl_module, can_log=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        with self._setup_time():
+            self._train_end(trainer, pl_module)
+
+    def _train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         needed = (
             self.estimator.has_unscored_steps()
             if self.estimator.traces_steps
@@ -503,30 +533,6 @@ class MetaInfluence(Callback):
                     )
         if self._store is not None:
             self._store.flush()
-        self._wait_for_files(close=True)  # the round files are complete when fit returns
-
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
-        self._wait_for_files(close=True, raise_errors=False)  # what was scored so far is on disk
-
-    def _write_files(self, round_: ScoreRound, metrics: Mapping[str, float]) -> None:
-        """Write the round's CSV files on a writer thread (formatting and fsync off the training thread)."""
-        if self._files_thread is None:
-            self._files_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metaif-files")
-        self._files_jobs.append(self._files_thread.submit(self._writer.write, round_, dict(metrics)))
-
-    def _wait_for_files(self, *, close: bool = False, raise_errors: bool = True) -> None:
-        """Block until every round file submitted so far is written (a checkpoint, a rollback, the end of fit);
-        re-raise a writer error here, on the training thread."""
-        jobs, self._files_jobs = self._files_jobs, []
-        errors = [job.exception() for job in jobs]
-        if close and self._files_thread is not None:
-            self._files_thread.shutdown(wait=True)
-            self._files_thread = None
-        error = next((e for e in errors if e is not None), None)
-        if error is not None and raise_errors:
-            raise error
 
     # ------------------------------------------------------------------ scoring ------------------------------
 
@@ -542,7 +548,13 @@ class MetaInfluence(Callback):
         return grads if self._projection is None else self._projection(grads)
 
     def _engine(self) -> dict[str, Any]:
-        return {"chunk_size": self.chunk_size, "vectorize": self._engine_vectorize}
+        return {"chunk_size": self._chunk_size(), "vectorize": self._engine_vectorize}
+
+    def _chunk_size(self) -> int:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        numel = 0 if self._layout is None else self._layout.numel
+        return max(16, min(256, AUTO_CHUNK_BYTES // (4 * max(1, numel))))
 
     def _run_engine(self, call: Callable[[RoundContext], Any], ctx: RoundContext) -> Any:
         """Run an engine call; the first time ``task_loss`` cannot be vmapped, warn once and use the loop."""
@@ -790,7 +802,7 @@ class MetaInfluence(Callback):
             if dashboard is not None:
                 dashboard.log_round(round_, self.history, metrics=metrics, scalars=False, final=not can_log)
         if self._writer is not None:
-            self._write_files(round_, metrics)
+            self._writer.write(round_, metrics)
         if self.verbose:
             self._print(trainer, self._round_line(round_, metrics))
 
@@ -857,7 +869,6 @@ class MetaInfluence(Callback):
                 f"store record {info.path.name}" for info in self._store.rollback(self._restored_store)
             ]
         if self._writer is not None:
-            self._wait_for_files()
             dropped += self._writer.rollback(self.rounds)
         self.rolled_back = dropped
         if dropped and trainer.is_global_zero:
@@ -867,9 +878,8 @@ class MetaInfluence(Callback):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        self._wait_for_files()  # the checkpoint covers every round file written up to now
         if self._store is not None:
-            self._store.flush()  # and every row recorded up to now
+            self._store.flush()  # the checkpoint covers every row recorded up to now
         return {
             "task_state": self.task_state.state_dict(),
             "rounds": self.rounds,

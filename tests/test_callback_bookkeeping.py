@@ -508,3 +508,16 @@ def test_settings_that_cannot_apply_are_refused(tmp_path):
     dm, _ = digits_setup(num_train=8, corrupt=0, task_state=influence.task_state)
     with pytest.raises(ValueError, match="has no `task_weight_table`"):
         trainer(tmp_path, [influence], max_epochs=1).fit(module, datamodule=dm)
+
+
+def test_chunk_size_by_default_bounds_one_chunk_of_gradients():
+    """chunk_size=None: as many tasks per engine call as keep their float32 gradients within 16 MiB (16-256)."""
+    from lightning_metaif.influence.problem import ParamLayout
+
+    influence = MetaInfluence(verbose=False)
+    for numel, expected in ((2_245, 256), (100_000, 41), (1_040_885, 16)):
+        influence._layout = ParamLayout(("w",), (torch.Size([numel]),))
+        assert influence._engine()["chunk_size"] == expected
+    assert MetaInfluence(chunk_size=8, verbose=False)._engine()["chunk_size"] == 8
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer or None"):
+        MetaInfluence(chunk_size=0)

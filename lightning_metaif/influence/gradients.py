@@ -8,8 +8,8 @@ Two paths compute the same numbers:
 * ``loop``: any sequence of task objects, one ``torch.autograd.grad`` per task (works for code ``torch.func``
   cannot transform, e.g. ``higher``).
 
-With ``vectorize="auto"`` tasks that can be batched take whichever path was faster on their first chunk
-(:func:`~lightning_metaif.influence.paths.choose_path`).
+With ``vectorize="auto"`` tasks that can be batched take whichever path was faster on (at most
+``MEASURE_TASKS`` tasks of) their first chunk (:func:`~lightning_metaif.influence.paths.choose_path`).
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
-from lightning_metaif.influence.paths import choose_path
+from lightning_metaif.influence.paths import choose_path, remembered_choice
 from lightning_metaif.influence.problem import ParamLayout, Params, check_problem, detached, trainable
 from lightning_metaif.influence.tasks import Task, TaskBatch, Tasks, iter_chunks, resolve_task_ids, stackable
 
 Vectorize = Literal["auto", "vmap", "loop"]
+MEASURE_TASKS = 16  # vectorize="auto" times both paths on at most this many tasks of the first chunk
 Utility = Callable[[Params], Tensor]
 
 
@@ -76,10 +77,8 @@ def task_tensors(batch: TaskBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return batch.support_x, batch.support_y, batch.query_x, batch.query_y
 
 
-def check_loss(loss: Any, task_id: int, *, finite: bool = True) -> Tensor:
-    """A task loss must be a finite scalar tensor; say which task broke it and how to fix it.
-
-    ``finite=False`` checks type and shape only (no device synchronisation; check finiteness in a batch)."""
+def check_loss(loss: Any, task_id: int) -> Tensor:
+    """A task loss must be a finite scalar tensor; say which task broke it and how to fix it."""
     if not isinstance(loss, Tensor):
         raise ValueError(
             f"task_loss returned {type(loss).__name__} for task {task_id}; it must return a scalar tensor."
@@ -89,7 +88,7 @@ def check_loss(loss: Any, task_id: int, *, finite: bool = True) -> Tensor:
             f"task_loss returned a tensor of shape {tuple(loss.shape)} for task {task_id}; it must return a scalar "
             "(reduce the query loss with a (weighted) mean)."
         )
-    if finite and not torch.isfinite(loss):
+    if not torch.isfinite(loss):
         raise ValueError(
             f"task_loss is not finite ({loss.item()}) for task {task_id}: check the task's data, lower the inner "
             "learning rate or the number of inner steps."
@@ -125,8 +124,9 @@ def per_task_gradients(
             sequence of task objects (looped).
         task_ids: ids for a plain sequence without ``task_id`` attributes (validated, must be distinct).
         chunk_size: tasks per ``vmap`` call; bounds memory to ``chunk_size`` gradients at once.
-        vectorize: ``"auto"`` (tasks that can be batched: time ``vmap`` and the loop on the first chunk and
-            keep the faster, see :mod:`~lightning_metaif.influence.paths`), ``"vmap"`` or ``"loop"``.
+        vectorize: ``"auto"`` (tasks that can be batched: time ``vmap`` and the loop on up to 16 tasks of the
+            first chunk and keep the faster, see :mod:`~lightning_metaif.influence.paths`), ``"vmap"`` or
+            ``"loop"``.
         transform: applied to each chunk of flat gradients ``[c, p]`` before it is kept, e.g. a random
             projection to ``[c, d]``, so that the full ``[M, p]`` matrix never exists.
 
@@ -152,32 +152,16 @@ def per_task_gradients(
     leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
 
     def loop_chunk(chunk: Sequence[Any], chunk_ids: Tensor) -> tuple[Tensor, Tensor]:
-        # Each task gets its own leaves (views of the same values), so ONE backward of the summed losses gives
-        # every task's own gradient: one autograd engine call per chunk instead of one per task (as a hand-written
-        # loop that backpropagates the summed meta-loss does), the same numbers.
-        owned, losses = [], []
+        rows, losses = [], []
         for task, task_id in zip(chunk, chunk_ids.tolist()):
-            own = {k: v.detach().requires_grad_(True) for k, v in leaves.items()}
-            losses.append(check_loss(problem.task_loss(own, task), int(task_id), finite=False))
-            owned.append(own)
-        stacked = torch.stack(losses)
-        if not bool(torch.isfinite(stacked).all()):  # one check per chunk; the message names the first task
-            for loss, task_id in zip(losses, chunk_ids.tolist()):
-                check_loss(loss, int(task_id))
-        inputs = [own[k] for own in owned for k in leaves]
-        grads = torch.autograd.grad(stacked.sum(), inputs, allow_unused=True)
-        per_name = {
-            k: torch.stack(
-                [
-                    torch.zeros_like(leaves[k]) if g is None else g
-                    for g in grads[j :: len(leaves)]  # task i's gradient of parameter j: grads[i·P + j]
-                ]
-            )
-            for j, k in enumerate(leaves)
-        }
-        flat = layout.flatten(per_name).detach()
+            loss = check_loss(problem.task_loss(leaves, task), int(task_id))
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
+            rows.append(layout.flatten(grads).detach())
+            losses.append(loss.detach())
+        flat = torch.stack(rows)
         _raise_non_finite(flat, chunk_ids, "gradient")
-        return flat, stacked.detach()
+        return flat, torch.stack(losses)
 
     if batch is None:
         grad_chunks, loss_chunks = [], []
@@ -205,6 +189,19 @@ def per_task_gradients(
         if vectorize == "vmap":
             flat, losses = vmap_chunk(chunk, chunk_ids)
         else:
+            if len(chunk) > MEASURE_TASKS and remembered_choice(problem, key) is None:
+                # choose on a few tasks: measuring both paths on a whole large chunk would cost it twice over
+                head, head_ids = chunk[:MEASURE_TASKS], chunk_ids[:MEASURE_TASKS]
+                choose_path(
+                    problem,
+                    key,
+                    {
+                        "vmap": lambda head=head, ids=head_ids: vmap_chunk(head, ids),
+                        "loop": lambda head=head, ids=head_ids: loop_chunk(list(head), ids),
+                    },
+                    what=f"per-task gradients of {type(problem).__name__} ({len(head)} tasks)",
+                    device=chunk.support_x.device,
+                )
             _, (flat, losses) = choose_path(
                 problem,
                 key,

@@ -182,7 +182,8 @@ def per_task_gradients(
         _raise_non_finite(flat, chunk_ids, "gradient")
         return flat, losses.detach()
 
-    key = ("gradients", chunk_size, batch_signature(batch), layout.shapes)
+    # the choice is measured on at most MEASURE_TASKS tasks, so chunks of 16 and of 256 tasks share it
+    key = ("gradients", min(chunk_size, MEASURE_TASKS), batch_signature(batch), layout.shapes)
     grad_chunks, loss_chunks = [], []
     for start, chunk in iter_chunks(batch, chunk_size):
         chunk_ids = ids[start : start + len(chunk)]

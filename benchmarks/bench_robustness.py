@@ -341,16 +341,18 @@ def summarise(rows: list[dict], estimators=ESTIMATORS) -> tuple[list[dict], list
             if any(f"auroc_{name}" in r for r in sub):
                 entry[f"auroc_{name}"] = mean(r.get(f"auroc_{name}", math.nan) for r in sub)
                 entry[f"auroc_{name}_min"] = worst(r.get(f"auroc_{name}", math.nan) for r in sub)
+        # accuracy and loss with / without pruning over the same (paired) seeds, when there are any
+        both = [r for r in sub if "delta_acc" in r] or sub
         entry.update(
             pruned=mean(r.get("pruned", math.nan) for r in sub),
             precision=mean(r.get("precision", math.nan) for r in sub),
             precision_min=worst(r.get("precision", math.nan) for r in sub),
             restored=mean(r.get("restored", math.nan) for r in sub),
-            acc_no_prune=mean(r.get("acc_no_prune", math.nan) for r in sub),
-            acc_prune=mean(r.get("acc_prune", math.nan) for r in sub),
+            acc_no_prune=mean(r.get("acc_no_prune", math.nan) for r in both),
+            acc_prune=mean(r.get("acc_prune", math.nan) for r in both),
             delta_acc=mean(r.get("delta_acc", math.nan) for r in sub),
-            loss_no_prune=mean(r.get("loss_no_prune", math.nan) for r in sub),
-            loss_prune=mean(r.get("loss_prune", math.nan) for r in sub),
+            loss_no_prune=mean(r.get("loss_no_prune", math.nan) for r in both),
+            loss_prune=mean(r.get("loss_prune", math.nan) for r in both),
             paired=sum("delta_acc" in r for r in sub),
         )
         for name in TASK_IF:

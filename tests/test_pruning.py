@@ -177,3 +177,18 @@ def test_margin_prunes_outliers_not_the_low_tail_of_a_clean_pool(seed):
     for r in (1, 2):
         d = eager.decide(ids, clean, set(), round_index=r)
     assert len(d.task_ids) == 20
+
+
+def test_the_skip_reason_says_when_harmful_tasks_are_held_back_by_the_margin():
+    """A bimodal round (40% clearly harmful tasks): the MAD spans the gap, so none is 3 robust s.d. out; the skip
+    says so (it used to say 'no kept task is harmful'), with the lowest score and the bar."""
+    scores = torch.cat([torch.linspace(-0.08, -0.03, 40), torch.linspace(0.02, 0.08, 60)])
+    ids = torch.arange(100)
+    policy = PruningPolicy(warmup_rounds=0)
+    for r in (1, 2):
+        d = policy.decide(ids, scores, set(), round_index=r)
+    assert d.action == "skip" and d.task_ids == []
+    assert "40 kept tasks are harmful, none below the median by > 3 robust s.d." in d.reason
+    centre = scores.median()
+    bar = float(centre - 3 * 1.4826 * (scores - centre).abs().median())
+    assert f"lowest score {-0.08:.3g}, bar {bar:.3g}" in d.reason

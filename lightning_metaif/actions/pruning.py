@@ -407,10 +407,13 @@ class PruningPolicy:
             candidates &= scores < 0
         if self.threshold is not None:
             candidates &= scores < self.threshold
+        before_margin = candidates.clone()
+        margin_bar = None
         if self.margin is not None and kept.sum() >= 3:
             centre = scores[kept].median()
             spread = 1.4826 * (scores[kept] - centre).abs().median()
-            candidates &= scores < centre - self.margin * spread
+            margin_bar = float(centre - self.margin * spread)
+            candidates &= scores < margin_bar
         if self.fraction is not None and candidates.any():
             # the lowest `fraction` of the pool (by score, among the tasks still kept)
             bottom = max(1, int(math.floor(self.fraction * pool_size)))
@@ -458,6 +461,14 @@ class PruningPolicy:
             if candidates.any():
                 return skip(
                     f"{int(candidates.sum())} candidates, none yet for {self.stable_rounds} consecutive rounds"
+                )
+            if margin_bar is not None and before_margin.any():
+                # they are harmful (or below the threshold), just not outliers by the margin rule
+                return skip(
+                    f"{int(before_margin.sum())} kept tasks are "
+                    f"{'harmful' if self.only_harmful else 'below the threshold'}, none below the median by > "
+                    f"{self.margin:g} robust s.d. (lowest score {float(scores[before_margin].min()):.3g}, bar "
+                    f"{margin_bar:.3g})"
                 )
             return skip(
                 "no kept task is harmful" if self.only_harmful else "no kept task below the threshold"

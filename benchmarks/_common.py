@@ -167,3 +167,19 @@ def fit_quietly(
         start = time.perf_counter()
         trainer.fit(model, datamodule=datamodule)
         return trainer, time.perf_counter() - start
+
+
+def meta_test(maml: Any, tasks: Any, params: dict[str, torch.Tensor] | None = None) -> tuple[float, float]:
+    """Meta-test accuracy and query cross-entropy of a MAML-style module after its own adaptation (means over
+    ``tasks``), at ``params`` (default: the module's meta-parameters)."""
+    from lightning_metaif.influence.tasks import Task
+
+    params = {k: v.detach() for k, v in (params if params is not None else maml.meta_parameters()).items()}
+    accuracy, loss = [], []
+    for i in range(len(tasks)):
+        t = tasks[i]
+        with torch.enable_grad():
+            logits = maml.query_outputs(params, Task(t.support_x, t.support_y, t.query_x, t.query_y)).detach()
+        accuracy.append(float((logits.argmax(-1) == t.query_y).double().mean()))
+        loss.append(float(torch.nn.functional.cross_entropy(logits, t.query_y)))
+    return sum(accuracy) / len(accuracy), sum(loss) / len(loss)

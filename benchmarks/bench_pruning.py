@@ -27,25 +27,9 @@ import torch
 from bench_detection import small_mlp, train
 
 from lightning_metaif.influence.estimators import task_influence
-from lightning_metaif.influence.tasks import Task
 from lightning_metaif.meta.datasets import digits_splits
 from lightning_metaif.meta.maml import MAML
 from lightning_metaif.meta.noise import corrupt_tasks
-
-
-def accuracy(maml: MAML, params, tasks) -> float:
-    with torch.no_grad():
-        correct = []
-        for i in range(len(tasks)):
-            t = tasks[i]
-            with torch.enable_grad():
-                adapted = maml.adapt(
-                    {k: v.detach() for k, v in params.items()},
-                    Task(t.support_x, t.support_y, t.query_x, t.query_y),
-                )
-            theta, _ = maml._unpack(adapted)
-            correct.append(float((maml._forward(theta, t.query_x).argmax(-1) == t.query_y).double().mean()))
-    return sum(correct) / len(correct)
 
 
 def offline(splits, epochs: int) -> tuple[list[dict], dict]:
@@ -59,7 +43,7 @@ def offline(splits, epochs: int) -> tuple[list[dict], dict]:
         {
             "method": "full pool (no removal)",
             "removed": "0%",
-            "test_acc": accuracy(maml, params, test),
+            "test_acc": C.meta_test(maml, test, params)[0],
             "corrupted_removed": 0.0,
             "seconds": base_seconds,
         }
@@ -93,7 +77,7 @@ def offline(splits, epochs: int) -> tuple[list[dict], dict]:
         return {
             "method": label,
             "removed": removed,
-            "test_acc": accuracy(mm, pp, test),
+            "test_acc": C.meta_test(mm, test, pp)[0],
             "corrupted_removed": float(corrupted[~torch.isin(torch.arange(m), keep)].sum() / corrupted.sum()),
             "seconds": score_seconds + time.perf_counter() - t,
         }
@@ -164,7 +148,7 @@ def online(splits, epochs: int) -> list[dict]:
         )
         row = {
             "method": "online pruning (trajectory)" if with_cb else "no callback",
-            "test_acc": accuracy(maml, maml.meta_parameters(), test),
+            "test_acc": C.meta_test(maml, test, maml.meta_parameters())[0],
             "seconds": secs,
         }
         if influence is not None:

@@ -46,7 +46,6 @@ import _common as C
 import torch
 from bench_robustness import RECIPES, family
 
-from lightning_metaif.influence.tasks import Task
 from lightning_metaif.meta.maml import MAML
 from lightning_metaif.meta.noise import corrupt_tasks
 
@@ -66,22 +65,6 @@ class _Subset:
 
     def __getitem__(self, position: int):
         return self.pool[self.positions[position]]
-
-
-def evaluate(maml: MAML, tasks) -> tuple[float, float]:
-    """Meta-test accuracy and query cross-entropy after adaptation (means over tasks)."""
-    params = {k: v.detach() for k, v in maml.meta_parameters().items()}
-    acc, loss = [], []
-    for i in range(len(tasks)):
-        t = tasks[i]
-        with torch.enable_grad():
-            adapted = maml.adapt(params, Task(t.support_x, t.support_y, t.query_x, t.query_y))
-        theta, _ = maml._unpack(adapted)
-        with torch.no_grad():
-            out = maml._forward(theta, t.query_x)
-            acc.append(float((out.argmax(-1) == t.query_y).double().mean()))
-            loss.append(float(torch.nn.functional.cross_entropy(out, t.query_y)))
-    return sum(acc) / len(acc), sum(loss) / len(loss)
 
 
 def run(splits, backbone, condition: str, recipe: str, epochs: int, seed: int, prune_epoch: int | None):
@@ -122,7 +105,7 @@ def run(splits, backbone, condition: str, recipe: str, epochs: int, seed: int, p
     trainer, seconds = C.fit_quietly(
         maml, dm, max_epochs=epochs, callbacks=callbacks, default_root_dir=tempfile.mkdtemp()
     )
-    acc, loss = evaluate(maml, splits.test.batch())
+    acc, loss = C.meta_test(maml, splits.test.batch())
     refs = [h.get("influence/reference_loss", math.nan) for h in influence.history]
     prunes = [d for d in influence.decisions if d.action == "prune"]
     return {
@@ -206,7 +189,7 @@ def guard_run(setting: str, guard: str, seed: int) -> dict:
     _, seconds = C.fit_quietly(
         model, dm, max_epochs=epochs, callbacks=[influence], default_root_dir=tempfile.mkdtemp()
     )
-    acc, loss = evaluate(model, splits.test.batch())
+    acc, loss = C.meta_test(model, splits.test.batch())
     prunes = [d for d in influence.decisions if d.action == "prune"]
     restores = [d for d in influence.decisions if d.action == "restore"]
     refs = [h.get("influence/reference_loss", math.nan) for h in influence.history]

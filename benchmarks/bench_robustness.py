@@ -82,24 +82,6 @@ def family(name: str, seed: int, num_tasks: int):
     )
 
 
-def evaluate(maml, tasks) -> tuple[float, float]:
-    """Meta-test accuracy and query loss (mean over tasks), one inner adaptation as trained."""
-    from lightning_metaif.influence.tasks import Task
-
-    params = {k: v.detach() for k, v in maml.meta_parameters().items()}
-    correct, losses = [], []
-    for i in range(len(tasks)):
-        t = tasks[i]
-        with torch.enable_grad():
-            adapted = maml.adapt(params, Task(t.support_x, t.support_y, t.query_x, t.query_y))
-        theta, _ = maml._unpack(adapted)
-        with torch.no_grad():
-            logits = maml._forward(theta, t.query_x)
-            correct.append(float((logits.argmax(-1) == t.query_y).double().mean()))
-            losses.append(float(torch.nn.functional.cross_entropy(logits, t.query_y)))
-    return sum(correct) / len(correct), sum(losses) / len(losses)
-
-
 def _auroc(influence, corruption, truth) -> float:
     from sklearn.metrics import roc_auc_score
 
@@ -171,7 +153,7 @@ def run_part(job: dict) -> dict:
         callbacks=list(callbacks.values()),
         default_root_dir=tempfile.mkdtemp(),
     )
-    acc, loss = evaluate(maml, splits.test.batch())
+    acc, loss = C.meta_test(maml, splits.test.batch())
     out = {k: job[k] for k in KEY} | {"part": job["part"], "tasks": job["tasks"]}
     reference = [h.get("influence/reference_loss", math.nan) for h in callbacks["trajectory"].history]
     finite = [x for x in reference if math.isfinite(x)]

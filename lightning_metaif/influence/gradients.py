@@ -184,6 +184,16 @@ def per_task_gradients(
 
     # the choice is measured on at most MEASURE_TASKS tasks, so chunks of 16 and of 256 tasks share it
     key = ("gradients", min(chunk_size, MEASURE_TASKS), batch_signature(batch), layout.shapes)
+
+    def faster_path(part: TaskBatch, part_ids: Tensor) -> tuple[str, Any]:
+        return choose_path(
+            problem,
+            key,
+            {"vmap": lambda: vmap_chunk(part, part_ids), "loop": lambda: loop_chunk(list(part), part_ids)},
+            what=f"per-task gradients of {type(problem).__name__} ({len(part)} tasks)",
+            device=part.support_x.device,
+        )
+
     grad_chunks, loss_chunks = [], []
     for start, chunk in iter_chunks(batch, chunk_size):
         chunk_ids = ids[start : start + len(chunk)]
@@ -192,27 +202,8 @@ def per_task_gradients(
         else:
             if len(chunk) > MEASURE_TASKS and remembered_choice(problem, key) is None:
                 # choose on a few tasks: measuring both paths on a whole large chunk would cost it twice over
-                head, head_ids = chunk[:MEASURE_TASKS], chunk_ids[:MEASURE_TASKS]
-                choose_path(
-                    problem,
-                    key,
-                    {
-                        "vmap": lambda head=head, ids=head_ids: vmap_chunk(head, ids),
-                        "loop": lambda head=head, ids=head_ids: loop_chunk(list(head), ids),
-                    },
-                    what=f"per-task gradients of {type(problem).__name__} ({len(head)} tasks)",
-                    device=chunk.support_x.device,
-                )
-            _, (flat, losses) = choose_path(
-                problem,
-                key,
-                {
-                    "vmap": lambda chunk=chunk, ids=chunk_ids: vmap_chunk(chunk, ids),
-                    "loop": lambda chunk=chunk, ids=chunk_ids: loop_chunk(list(chunk), ids),
-                },
-                what=f"per-task gradients of {type(problem).__name__} ({len(chunk)} tasks)",
-                device=chunk.support_x.device,
-            )
+                faster_path(chunk[:MEASURE_TASKS], chunk_ids[:MEASURE_TASKS])
+            _, (flat, losses) = faster_path(chunk, chunk_ids)
         grad_chunks.append(transform(flat) if transform is not None else flat)
         loss_chunks.append(losses)
     return torch.cat(grad_chunks), torch.cat(loss_chunks)

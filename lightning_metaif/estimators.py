@@ -684,22 +684,30 @@ class TraceTaskIF(RoundEstimator):
         direction, d = solved
         self._direction = direction
         _warn_unconverged("TraceTaskIF", ctx.round_index, settings.name, d)
-        s = direction.to("cpu", torch.float32)
-        if self._projection is not None:
-            s = self._projection(s[None])[0]
-        # every kept task this process traced (under DDP each process holds the rows of the tasks it trained on;
-        # the callback keeps, per task, the score from the newest row)
+        return self._scores_from_rows(ctx, self._like_rows(direction), d)
+
+    def _traced(self, ctx: RoundContext) -> tuple[Tensor, Tensor]:
+        """The kept tasks this process traced and their weights (under DDP each process holds the rows of the
+        tasks it trained on; the callback keeps, per task, the score from the newest row)."""
+        objective = ctx.objective_positions
         mine = objective[self._has_row[objective]]
-        weights = ctx.objective_weights[_index_in(objective, mine)]
-        scores = direction_scores(self._rows[mine], s, weights, ctx.objective_size).to(torch.float64)
+        return mine, ctx.objective_weights[_index_in(objective, mine)]
+
+    def _like_rows(self, vector: Tensor) -> Tensor:
+        """A flat parameter-space vector as the rows are kept: on the CPU, float32, projected if they are."""
+        vector = vector.to("cpu", torch.float32)
+        return vector if self._projection is None else self._projection(vector[None])[0]
+
+    def _scores_from_rows(self, ctx: RoundContext, direction: Tensor, d: dict[str, Any]) -> RoundScores:
+        """Every traced kept task scored ``(w_k / M) ⟨g_k, s⟩`` from its row, with the solve's metrics."""
+        mine, weights = self._traced(ctx)
+        scores = direction_scores(self._rows[mine], direction, weights, ctx.objective_size).to(torch.float64)
         return RoundScores(mine, scores, None, _solve_metrics(d), recency=self._row_step[mine].clone())
 
     def _score_with_fisher(self, ctx: RoundContext) -> RoundScores:
         from lightning_metaif.influence.fisher import fisher_direction
 
-        objective = ctx.objective_positions
-        mine = objective[self._has_row[objective]]
-        weights = ctx.objective_weights[_index_in(objective, mine)]
+        mine, weights = self._traced(ctx)
         # the curvature counts each task once: under DDP a task may also hold an older row on another process
         in_curvature = torch.ones(len(mine), dtype=torch.bool)
         if ctx.newest_over_processes is not None:
@@ -707,9 +715,7 @@ class TraceTaskIF(RoundEstimator):
             recency[mine] = self._row_step[mine].double()
             in_curvature = ctx.newest_over_processes(recency)[mine]
         gradient, value = _reference(ctx)
-        reference = gradient.to("cpu", torch.float32)
-        if self._projection is not None:
-            reference = self._projection(reference[None])[0]
+        reference = self._like_rows(gradient)
         solved = _unless_solver_fails(
             f"TraceTaskIF(curvature='fisher', damping={self.damping!r})",
             self.on_error,
@@ -723,11 +729,10 @@ class TraceTaskIF(RoundEstimator):
             ),
         )
         if solved is None:
-            return _failed_round(objective)
-        s, d = solved
+            return _failed_round(ctx.objective_positions)
+        direction, d = solved
         d["reference_value"] = value
-        scores = direction_scores(self._rows[mine], s, weights, ctx.objective_size).to(torch.float64)
-        return RoundScores(mine, scores, None, _solve_metrics(d), recency=self._row_step[mine].clone())
+        return self._scores_from_rows(ctx, direction, d)
 
     def state_dict(self) -> dict[str, Any]:
         return {

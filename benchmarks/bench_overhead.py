@@ -120,26 +120,17 @@ def dir_size(path: str) -> int:
     return total
 
 
-def one_run(splits, args, mode: str | None, workdir: str) -> dict:
-    pl.seed_everything(0, verbose=False)
-    torch.manual_seed(0)
-    influence = None
-    callbacks = []
-    if mode is not None:
-        estimator = TaskIF(solver=CG(max_iterations=args.cg_iterations)) if mode == "task_if" else mode
-        influence = MetaInfluence(
-            estimator,
-            store=None
-            if args.no_store
-            else GradientStoreConfig(
-                projection_dim=args.projection_dim,
-                projection=args.projection,
-                dirpath=os.path.join(workdir, "metaif"),
-                trajectory=args.store_trajectory,
-            ),
-            verbose=False,
-        )
-        callbacks.append(influence)
+def store_config(args, workdir: str, trajectory: bool) -> GradientStoreConfig:
+    return GradientStoreConfig(
+        projection_dim=args.projection_dim,
+        projection=args.projection,
+        dirpath=os.path.join(workdir, "metaif"),
+        trajectory=trajectory,
+    )
+
+
+def fit(splits, args, make_model, influence: MetaInfluence | None, workdir: str) -> dict:
+    """One seeded fit (the model built after the data module, as before); times and the callback's timings."""
     dm = MetaDataModule(
         splits.train,
         splits.val,
@@ -147,20 +138,39 @@ def one_run(splits, args, mode: str | None, workdir: str) -> dict:
         seed=0,
         task_state=None if influence is None else influence.task_state,
     )
-    maml = MAML(small_mlp(), inner_lr=0.5, outer_lr=5e-3, num_ways=5)
+    model = make_model()
+    cpu = time.process_time()
     trainer, seconds = C.fit_quietly(
-        maml, dm, max_epochs=args.epochs, callbacks=callbacks, default_root_dir=workdir
+        model,
+        dm,
+        max_epochs=args.epochs,
+        callbacks=[] if influence is None else [influence],
+        default_root_dir=workdir,
     )
-    out = {"seconds": seconds, "steps": trainer.global_step}
+    out = {"seconds": seconds, "cpu_seconds": time.process_time() - cpu, "steps": trainer.global_step}
     if influence is not None:
         out.update(
             rounds=influence.rounds,
             trace_seconds=influence.timings["trace_seconds"],
             round_seconds=influence.timings["round_seconds"],
+            setup_seconds=influence.timings.get("setup_seconds", float("nan")),
             store_bytes=dir_size(os.path.join(workdir, "metaif", "store")),
             files_bytes=dir_size(os.path.join(workdir, "metaif")),
         )
     return out
+
+
+def one_run(splits, args, mode: str | None, workdir: str) -> dict:
+    pl.seed_everything(0, verbose=False)
+    torch.manual_seed(0)
+    influence = None
+    if mode is not None:
+        estimator = TaskIF(solver=CG(max_iterations=args.cg_iterations)) if mode == "task_if" else mode
+        store = None if args.no_store else store_config(args, workdir, args.store_trajectory)
+        influence = MetaInfluence(estimator, store=store, verbose=False)
+    return fit(
+        splits, args, lambda: MAML(small_mlp(), inner_lr=0.5, outer_lr=5e-3, num_ways=5), influence, workdir
+    )
 
 
 SUITE = (  # (module, estimator or None = without the callback, store)
@@ -180,43 +190,17 @@ SUITE = (  # (module, estimator or None = without the callback, store)
 def suite_run(splits, args, module: str, mode: str | None, store: str, workdir: str) -> dict:
     pl.seed_everything(0, verbose=False)
     torch.manual_seed(0)
-    influence, callbacks = None, []
+    influence = None
     if mode is not None:
-        config = None
-        if store != "off":
-            config = GradientStoreConfig(
-                projection_dim=args.projection_dim,
-                projection=args.projection,
-                dirpath=os.path.join(workdir, "metaif"),
-                trajectory=store == "per-step",
-            )
+        config = None if store == "off" else store_config(args, workdir, store == "per-step")
         influence = MetaInfluence(mode, store=config, verbose=False)
-        callbacks.append(influence)
-    dm = MetaDataModule(
-        splits.train,
-        splits.val,
-        batch_size=16,
-        seed=0,
-        task_state=None if influence is None else influence.task_state,
-    )
-    if module == "maml":
-        model = MAML(backbone(args.backbone), inner_lr=0.5, outer_lr=5e-3, num_ways=5)
-    else:
-        model = UserMetaModule(reports=module == "user", kind=args.backbone)
-    cpu = time.process_time()
-    trainer, seconds = C.fit_quietly(
-        model, dm, max_epochs=args.epochs, callbacks=callbacks, default_root_dir=workdir
-    )
-    out = {"seconds": seconds, "cpu_seconds": time.process_time() - cpu, "steps": trainer.global_step}
-    if influence is not None:
-        out.update(
-            rounds=influence.rounds,
-            trace_seconds=influence.timings["trace_seconds"],
-            round_seconds=influence.timings["round_seconds"],
-            setup_seconds=influence.timings.get("setup_seconds", float("nan")),
-            store_bytes=dir_size(os.path.join(workdir, "metaif", "store")),
-        )
-    return out
+
+    def make_model():
+        if module == "maml":
+            return MAML(backbone(args.backbone), inner_lr=0.5, outer_lr=5e-3, num_ways=5)
+        return UserMetaModule(reports=module == "user", kind=args.backbone)
+
+    return fit(splits, args, make_model, influence, workdir)
 
 
 def suite(args, splits, env, name: str) -> None:

@@ -409,14 +409,15 @@ def test_trace_task_if_equals_an_independent_solve_on_the_traced_gradients(tmp_p
     assert influence.history[-1]["influence/solver_converged"] == 1.0
 
 
-def test_trace_task_if_with_fisher_curvature_equals_an_explicit_solve_on_the_traced_gradients(tmp_path):
+@pytest.mark.parametrize("seed", [1, 2])
+def test_trace_task_if_with_fisher_curvature_equals_an_explicit_solve_on_the_traced_gradients(tmp_path, seed):
     """TraceTaskIF(curvature="fisher"): F = (1/n) Σ g_k g_kᵀ over the traced rows (each task's gradient at the
     last step that trained on it), s = (F + δI)^{-1} ∇f by an explicit p x p solve, scores (1/M) ⟨g_k, s⟩."""
     from metaif_helpers import _flat_grad
 
     from lightning_metaif.estimators import TraceTaskIF
 
-    seed_all(1)
+    seed_all(seed)
     influence = MetaInfluence(TraceTaskIF(curvature="fisher", damping=0.05), verbose=False)
     dm, _ = digits_setup(num_train=12, batch_size=4, task_state=influence.task_state)
     record = RecordSteps()

@@ -127,10 +127,11 @@ def test_improvement_weighting_counts_each_round_by_the_fall_of_the_reference_lo
     assert late.scores().as_dict() == {1: 0.0} and late.scores().diagnostics["unweighted_steps"] == 1
 
 
-def test_improvement_weighting_split_over_processes_adds_up_to_the_one_process_mean():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_improvement_weighting_split_over_processes_adds_up_to_the_one_process_mean(seed):
     """Two 'processes' each trace part of a round's steps (task 3 on both); with the round's occurrences over
     both, their scores add up to the one-process accumulator's (the mean over every occurrence)."""
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     reference = torch.randn(5, generator=generator, dtype=torch.float64)
     steps = [([3, 1], torch.randn(2, 5, generator=generator, dtype=torch.float64)) for _ in range(4)]
     steps += [([3, 2], torch.randn(2, 5, generator=generator, dtype=torch.float64))]

@@ -990,5 +990,5 @@ def as_estimator(value: str | RoundEstimator) -> RoundEstimator:
         return ESTIMATORS[value]()
     raise ValueError(
         f"estimator={value!r} is not an estimator; choose one of {tuple(ESTIMATORS)} or pass Trajectory(), "
-        "Checkpoints(...), TaskIF(...), Ensemble(...) from lightning_metaif.estimators."
+        "Checkpoints(...), TaskIF(...), TraceTaskIF(...), Ensemble(...) from lightning_metaif.estimators."
     )
